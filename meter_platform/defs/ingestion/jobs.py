@@ -1,0 +1,13 @@
+"""The micro-batch job: runs of the ingestion assets, limited in number by the run queue."""
+
+from dagster import AssetSelection, define_asset_job
+
+#: dagster_home/dagster.yaml limits how many runs carrying this tag run at once.
+INGEST_TAG = {"meter/pipeline": "ingest"}
+
+ingest_microbatch_job = define_asset_job(
+    "ingest_microbatch_job",
+    selection=AssetSelection.assets("usage_events", "quarantined_events", "usage_minute_aggregates"),
+    tags=INGEST_TAG,
+    description="Drain JetStream in micro-batches into raw events, quarantine and per-minute aggregates.",
+)

@@ -1,0 +1,212 @@
+"""The event envelope of the public contract, and the one JetStream message format of the gateway.
+
+Both the gateway (at the door) and the pipeline (for events published straight to NATS) check events
+with the functions here, so an event means the same thing whichever path it took.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import msgspec
+
+#: Events stamped more than this far ahead of the receiver's clock are refused.
+MAX_FUTURE_SKEW = timedelta(minutes=5)
+
+# RFC 3339 date-time with a mandatory offset; up to 9 fractional digits (microseconds are kept).
+RFC3339 = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+_RFC3339_RE = re.compile(RFC3339)
+_FRACTION_RE = re.compile(r"\.(\d{7,9})")
+
+
+class Event(msgspec.Struct, omit_defaults=True):
+    """One usage event as the contract defines it."""
+
+    event_type: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    customer_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
+    timestamp: Annotated[str, msgspec.Meta(pattern=RFC3339)] | None = None
+    properties: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
+
+
+class GatewayBatch(msgspec.Struct):
+    """The payload of one gateway message: every event of one request, ids and timestamps filled in.
+
+    ``received_at`` is the gateway's receive time in microseconds since the epoch (UTC).
+    """
+
+    received_at: int
+    events: list[Event]
+
+
+class ItemError(msgspec.Struct):
+    """A problem with one item of a request, as the contract's 400 answer lists it."""
+
+    index: int
+    field: str
+    message: str
+
+
+_event_decoder = msgspec.json.Decoder(Event | list[Event])
+_any_decoder = msgspec.json.Decoder()
+_batch_decoder = msgspec.json.Decoder(GatewayBatch)
+_encoder = msgspec.json.Encoder()
+
+
+def now_us() -> int:
+    """The current time in microseconds since the epoch."""
+    return time.time_ns() // 1000
+
+
+def us_to_datetime(us: int) -> datetime:
+    """Microseconds since the epoch as an aware UTC datetime."""
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+
+
+def datetime_to_us(dt: datetime) -> int:
+    """An aware datetime as microseconds since the epoch."""
+    delta = dt - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def format_timestamp(dt: datetime) -> str:
+    """RFC 3339 in UTC with all six microsecond digits, e.g. ``2025-07-24T10:30:45.123000Z``."""
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_timestamp(value: str) -> datetime:
+    """Parse an RFC 3339 timestamp with offset; digits beyond microseconds are truncated, not rounded.
+
+    Truncation keeps an event in the second (and minute window) its sender stamped it in.
+    Raises ValueError for anything else.
+    """
+    if not _RFC3339_RE.match(value):
+        raise ValueError("must be an RFC 3339 timestamp with an offset, e.g. 2025-07-24T10:30:45.123Z")
+    fixed = _FRACTION_RE.sub(lambda m: "." + m.group(1)[:6], value, count=1)
+    return datetime.fromisoformat(fixed.replace("z", "Z")).astimezone(UTC)
+
+
+def new_event_id() -> str:
+    """A UUIDv7 (time-ordered, RFC 9562) as a string: ids the gateway makes sort by arrival."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | rand & (2**62 - 1)
+    return str(uuid.UUID(int=value))
+
+
+def _check_item(index: int, item: Any, errors: list[ItemError]) -> Event | None:
+    """Convert one decoded JSON value to an Event, appending a precise error when it is not one."""
+    if not isinstance(item, dict):
+        errors.append(ItemError(index, "", "an event must be a JSON object"))
+        return None
+    try:
+        return msgspec.convert(item, Event)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        # msgspec says e.g. "Expected `str` of length >= 1 - at `$.customer_id`".
+        message, _, path = text.rpartition(" - at `")
+        field = path.rstrip("`").removeprefix("$").lstrip(".") if path else ""
+        if not message:
+            message = text
+        if field == "timestamp" and "match" in message:
+            message = "must be an RFC 3339 timestamp with an offset, e.g. 2025-07-24T10:30:45.123Z"
+        errors.append(ItemError(index, field.split("[")[0].split(".")[0] or field, message))
+        return None
+
+
+def decode_events(body: bytes) -> tuple[list[Event | None], list[ItemError], bool]:
+    """Decode a JSON body holding one event or an array of events.
+
+    Returns ``(events, errors, was_array)``: ``events`` in request order with None where an item is
+    bad, and ``errors`` listing every bad item. The fast path decodes and checks the whole body in C;
+    only a body with a problem is walked item by item.
+    """
+    try:
+        decoded = _event_decoder.decode(body)
+    except msgspec.ValidationError:
+        pass
+    except msgspec.DecodeError as exc:
+        return [], [ItemError(0, "", f"the body is not valid JSON ({exc})")], False
+    else:
+        if isinstance(decoded, list):
+            return list(decoded), [], True
+        return [decoded], [], False
+    raw = _any_decoder.decode(body)
+    items = raw if isinstance(raw, list) else [raw]
+    errors: list[ItemError] = []
+    return [_check_item(i, item, errors) for i, item in enumerate(items)], errors, isinstance(raw, list)
+
+
+def decode_ndjson(body: bytes) -> tuple[list[Event | None], list[ItemError]]:
+    """Decode NDJSON: one event object per line, as :func:`decode_events`; blank lines are skipped."""
+    events: list[Event | None] = []
+    errors: list[ItemError] = []
+    index = 0
+    for line in body.splitlines():
+        if not line.strip():
+            continue
+        try:
+            item = _any_decoder.decode(line)
+        except msgspec.DecodeError as exc:
+            errors.append(ItemError(index, "", f"line is not valid JSON ({exc})"))
+            events.append(None)
+        else:
+            events.append(_check_item(index, item, errors))
+        index += 1
+    return events, errors
+
+
+def check_times(events: list[Event | None], received_us: int) -> list[ItemError]:
+    """Normalize each event's timestamp to UTC microseconds (default: receive time); report bad ones.
+
+    Mutates the events in place: ``timestamp`` becomes ``format_timestamp`` of the parsed instant.
+    None items (already reported bad) are skipped, so indexes stay those of the request.
+    """
+    errors: list[ItemError] = []
+    received = us_to_datetime(received_us)
+    horizon = received + MAX_FUTURE_SKEW
+    default = format_timestamp(received)
+    for i, event in enumerate(events):
+        if event is None:
+            continue
+        if event.timestamp is None:
+            event.timestamp = default
+            continue
+        try:
+            ts = parse_timestamp(event.timestamp)
+        except ValueError as exc:
+            errors.append(ItemError(i, "timestamp", str(exc)))
+            continue
+        if ts > horizon:
+            errors.append(ItemError(i, "timestamp", "is more than 5 minutes ahead of the gateway's clock"))
+            continue
+        event.timestamp = format_timestamp(ts)
+    return errors
+
+
+def encode_batch(batch: GatewayBatch) -> bytes:
+    """Serialize a gateway batch for JetStream."""
+    return _encoder.encode(batch)
+
+
+def decode_batch(data: bytes) -> GatewayBatch:
+    """Parse a gateway batch message (raises msgspec errors on a malformed one)."""
+    return _batch_decoder.decode(data)
+
+
+def decode_any(data: bytes) -> Any:
+    """Parse any JSON message (directly published events)."""
+    return _any_decoder.decode(data)
+
+
+def convert_event(item: Any) -> tuple[Event | None, ItemError | None]:
+    """Check one directly published JSON value; returns the event or the reason it is not one."""
+    errors: list[ItemError] = []
+    event = _check_item(0, item, errors)
+    return event, (errors[0] if errors else None)

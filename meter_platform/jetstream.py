@@ -1,0 +1,105 @@
+"""The JetStream side of the spine: the stream that holds accepted events and the durable consumer
+that the micro-batch job drains. Created idempotently by every process that needs them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from meter_platform.config import CONSUMER_NAME, STREAM_NAME, STREAM_SUBJECTS
+
+#: How long a delivered message may stay un-acked before JetStream redelivers it. A micro-batch
+#: commits well within this; a run killed mid-batch has its messages redelivered after it.
+ACK_WAIT_SECONDS = 60.0
+#: JetStream drops a second publish with the same Nats-Msg-Id inside this window (a publisher's
+#: retry); PostgreSQL's primary key on the event id dedups forever after.
+DUPLICATE_WINDOW_SECONDS = 120.0
+
+
+def stream_config() -> StreamConfig:
+    """The events stream: a work queue on disk.
+
+    Work-queue retention keeps exactly the events not yet committed to PostgreSQL: a message leaves
+    the stream when the pipeline acks it, after its commit. ``discard: new`` makes a full stream
+    refuse new publishes (the gateway answers 503) rather than drop events nobody has stored yet.
+    """
+    return StreamConfig(
+        name=STREAM_NAME,
+        subjects=STREAM_SUBJECTS,
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.NEW,
+        max_bytes=int(os.environ.get("METER_STREAM_MAX_BYTES", "-1")),
+        max_msgs=int(os.environ.get("METER_STREAM_MAX_MSGS", "-1")),
+        duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        num_replicas=1,
+    )
+
+
+def consumer_config() -> ConsumerConfig:
+    """The durable pull consumer of the micro-batch job: explicit acks, never gives up redelivering."""
+    return ConsumerConfig(
+        durable_name=CONSUMER_NAME,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ACK_WAIT_SECONDS,
+        max_deliver=-1,
+        max_ack_pending=50_000,
+    )
+
+
+async def connect(url: str, name: str, **kwargs) -> Client:
+    """Connect to NATS, failing fast (no endless reconnect at start-up)."""
+    return await nats.connect(url, name=name, connect_timeout=5, max_reconnect_attempts=kwargs.pop(
+        "max_reconnect_attempts", 60), reconnect_time_wait=0.5, **kwargs)
+
+
+async def ensure_stream_and_consumer(js: JetStreamContext) -> None:
+    """Create the stream and durable consumer if missing; bring their settings up to date if not."""
+    config = stream_config()
+    try:
+        await js.stream_info(STREAM_NAME)
+    except NotFoundError:
+        await js.add_stream(config)
+    else:
+        await js.update_stream(config)
+    await js.add_consumer(STREAM_NAME, consumer_config())
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What the stream holds and how far the consumer is."""
+
+    last_seq: int
+    messages: int
+    pending: int
+    ack_pending: int
+    ack_floor: int
+
+
+async def backlog(js: JetStreamContext) -> Backlog:
+    """Read stream and consumer state in two API calls."""
+    stream = await js.stream_info(STREAM_NAME)
+    consumer = await js.consumer_info(STREAM_NAME, CONSUMER_NAME)
+    return Backlog(
+        last_seq=stream.state.last_seq,
+        messages=stream.state.messages,
+        pending=consumer.num_pending or 0,
+        ack_pending=consumer.num_ack_pending or 0,
+        ack_floor=consumer.ack_floor.stream_seq if consumer.ack_floor else 0,
+    )

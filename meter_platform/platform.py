@@ -1,0 +1,184 @@
+"""``meter up``: start the whole platform in the foreground, stop every process it started on Ctrl-C.
+
+Order of start: NATS and PostgreSQL (embedded unless ``METER_NATS_URL`` / ``METER_DATABASE_URL`` say
+otherwise) → migrations, stream and consumer → gateway → Dagster webserver and daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meter_platform import db, jetstream
+from meter_platform.catalog import load_catalog
+from meter_platform.config import PACKAGE_DIR, Settings, load_settings
+from meter_platform.servers import Server, port_is_free, start_nats, start_postgres, wait_for_port
+from meter_platform.validation import validate_catalog_types
+
+RUNTIME_FILE = "runtime.json"
+
+
+def dagster_home() -> Path:
+    """``dagster_home/`` of the checkout (holds dagster.yaml); DAGSTER_HOME wins when set."""
+    if os.environ.get("DAGSTER_HOME"):
+        return Path(os.environ["DAGSTER_HOME"]).resolve()
+    for base in (Path.cwd(), PACKAGE_DIR.parent):
+        if (base / "dagster_home" / "dagster.yaml").exists():
+            return (base / "dagster_home").resolve()
+    raise SystemExit("dagster_home/dagster.yaml not found: run `meter up` from the project checkout, "
+                     "or set DAGSTER_HOME.")
+
+
+def dagster_database_url(database_url: str) -> str:
+    """Dagster's own run and event storage: database ``dagster`` beside the platform's."""
+    if os.environ.get("METER_DAGSTER_DATABASE_URL"):
+        return os.environ["METER_DAGSTER_DATABASE_URL"]
+    return db.with_database(database_url, "dagster")
+
+
+def _say(message: str) -> None:
+    print(f"[meter] {message}", flush=True)
+
+
+@dataclass
+class Platform:
+    """The processes ``meter up`` started, stopped in reverse order."""
+
+    settings: Settings
+    servers: list[Server] = field(default_factory=list)
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> Server:
+        log = self.settings.data_dir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True)
+        server = Server(name, proc, "", log)
+        self.servers.append(server)
+        return server
+
+    def stop(self) -> None:
+        """Stop everything started, newest first (Dagster and gateway before the servers they use)."""
+        for server in reversed(self.servers):
+            if server.process.poll() is None:
+                _say(f"stopping {server.name}")
+            server.stop()
+        self.servers.clear()
+        (self.settings.data_dir / RUNTIME_FILE).unlink(missing_ok=True)
+
+
+def _check_ports(settings: Settings) -> None:
+    for what, port in (("gateway", settings.gateway_port), ("Dagster UI", settings.dagster_port)):
+        if not port_is_free(settings.gateway_host, port):
+            raise SystemExit(
+                f"Port {port} for the {what} is taken (is another `meter up` running?). Stop it, or set "
+                f"{'METER_GATEWAY_PORT' if what == 'gateway' else 'METER_DAGSTER_PORT'} to a free port."
+            )
+
+
+def up() -> int:
+    """Run the platform until Ctrl-C."""
+    settings = load_settings()
+    catalog = load_catalog(settings.catalog_dir)
+    validate_catalog_types(catalog)
+    _check_ports(settings)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    platform = Platform(settings)
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        nats_url = settings.nats_url
+        if nats_url is None:
+            _say("starting NATS with JetStream (file store in .meter/nats, fsync before every ack)")
+            nats = start_nats(settings.data_dir / "nats")
+            platform.servers.append(nats)
+            nats_url = nats.url
+        database_url = settings.database_url
+        if database_url is None:
+            _say("starting PostgreSQL (data in .meter/pg)")
+            pg = start_postgres(settings.data_dir / "pg", databases=("meter", "dagster"))
+            platform.servers.append(pg)
+            database_url = pg.url
+        dagster_db = dagster_database_url(database_url)
+        db.ensure_database(dagster_db)
+        applied = db.migrate(database_url)
+        _say(f"database schema up to date ({'applied migrations ' + str(applied) if applied else 'no new migrations'})")
+
+        async def prepare_stream() -> None:
+            nc = await jetstream.connect(nats_url, name="meter-up")
+            try:
+                await jetstream.ensure_stream_and_consumer(nc.jetstream())
+            finally:
+                await nc.close()
+
+        asyncio.run(prepare_stream())
+        env = {
+            **os.environ,
+            "METER_NATS_URL": nats_url,
+            "METER_DATABASE_URL": database_url,
+            "METER_DAGSTER_DATABASE_URL": dagster_db,
+            "METER_CATALOG_DIR": str(settings.catalog_dir.resolve()),
+            "DAGSTER_HOME": str(dagster_home()),
+            "METER_HOME": str(settings.data_dir.parent),
+        }
+        bin_dir = Path(sys.executable).parent
+        gateway = platform._spawn("gateway", [
+            str(bin_dir / "uvicorn"), "--factory", "ingest_gateway.app:create_app",
+            "--host", settings.gateway_host, "--port", str(settings.gateway_port),
+            "--no-access-log", "--log-level", "warning",
+            "--workers", os.environ.get("METER_GATEWAY_WORKERS", "1"),
+        ], env)
+        workspace = str((dagster_home().parent / "workspace.yaml"))
+        platform._spawn("dagster-webserver", [
+            str(bin_dir / "dagster-webserver"), "-h", settings.gateway_host, "-p", str(settings.dagster_port),
+            "-w", workspace,
+        ], env)
+        platform._spawn("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace], env)
+        wait_for_port(settings.gateway_host, settings.gateway_port, gateway.process, "gateway", gateway.log)
+        gateway_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
+        dagster_url = f"http://{settings.gateway_host}:{settings.dagster_port}"
+        (settings.data_dir / RUNTIME_FILE).write_text(json.dumps({
+            "gateway_url": gateway_url, "dagster_url": dagster_url, "nats_url": nats_url,
+            "database_url": database_url, "pid": os.getpid(),
+        }, indent=2))
+        _say(f"gateway     {gateway_url}   (POST /v1/events, GET /v1/ingest/status)")
+        _say(f"Dagster UI  {dagster_url}   (starting; the sensor launches runs as events arrive)")
+        _say(f"NATS        {nats_url}")
+        _say(f"PostgreSQL  {database_url}")
+        _say(f"logs in {settings.data_dir / 'logs'}; try `meter demo --events 100000`; Ctrl-C stops everything")
+        while True:
+            for server in platform.servers:
+                if server.process.poll() is not None:
+                    _say(f"{server.name} exited with code {server.process.returncode}; see {server.log}")
+                    return 1
+            time.sleep(1)
+    except KeyboardInterrupt:
+        _say("shutting down")
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        platform.stop()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def read_runtime(settings: Settings | None = None) -> dict[str, str]:
+    """The URLs of the running ``meter up`` (empty when none is running)."""
+    settings = settings or load_settings()
+    path = settings.data_dir / RUNTIME_FILE
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())

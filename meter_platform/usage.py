@@ -1,0 +1,225 @@
+"""Usage queries: a meter's value over a half-open range ``[from, to)``, by window, zone and dimension.
+
+Whole minutes inside the range come from ``usage_minute_aggregates``; the partial minutes at either
+edge of a range that is not minute-aligned come from the raw events, so every answer is exact.
+Window boundaries are computed by PostgreSQL in the requested IANA zone (DST-correct: a
+Europe/Berlin day lasts 23, 24 or 25 hours).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from meter_platform.catalog import Meter
+from meter_platform.events import format_timestamp, parse_timestamp
+
+WINDOWS = ("minute", "hour", "day", "month")
+MAX_ROWS = 10_000
+
+
+class UsageQueryError(ValueError):
+    """The query cannot be answered as asked; the message says why (a 400)."""
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    """A checked usage query."""
+
+    meter: Meter
+    start: datetime | None
+    end: datetime
+    window: str | None = None
+    tz: str = "UTC"
+    group_by: tuple[str, ...] = ()
+    customer_id: str | None = None
+    limit: int = MAX_ROWS
+    offset: int = 0
+
+
+def _parse_time(value: str, name: str) -> datetime:
+    try:
+        return parse_timestamp(value)
+    except ValueError as exc:
+        raise UsageQueryError(f"`{name}` {exc}") from exc
+
+
+def build_query(meter: Meter, params: dict[str, str], now: datetime | None = None) -> UsageQuery:
+    """Check a usage request's parameters (strings, as from a URL) against the meter."""
+    window = params.get("window") or None
+    if window is not None and window not in WINDOWS:
+        raise UsageQueryError(f"window must be one of {', '.join(WINDOWS)}, not {window!r}")
+    tz = params.get("tz") or "UTC"
+    try:
+        ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise UsageQueryError(f"tz {tz!r} is not an IANA time zone (e.g. Europe/Berlin)") from exc
+    end = _parse_time(params["to"], "to") if params.get("to") else (now or datetime.now(UTC))
+    start = _parse_time(params["from"], "from") if params.get("from") else None
+    if start is not None and start >= end:
+        raise UsageQueryError("`from` must be before `to` (the range is [from, to))")
+    group_by = tuple(g.strip() for g in (params.get("group_by") or "").split(",") if g.strip())
+    unknown = [g for g in group_by if g not in meter.dimensions]
+    if unknown:
+        raise UsageQueryError(
+            f"meter {meter.slug!r} has no dimension {', '.join(map(repr, unknown))}; "
+            f"it has {', '.join(meter.dimensions)}"
+        )
+    try:
+        limit = int(params.get("limit") or MAX_ROWS)
+        offset = int(params.get("offset") or 0)
+    except ValueError as exc:
+        raise UsageQueryError("limit and offset must be integers") from exc
+    if not 1 <= limit <= MAX_ROWS or offset < 0:
+        raise UsageQueryError(f"limit must be 1 to {MAX_ROWS} and offset >= 0")
+    return UsageQuery(meter, start, end, window, tz, group_by, params.get("customer_id") or None, limit, offset)
+
+
+def _event_expressions(meter: Meter, params: dict[str, Any]) -> tuple[str, str, str]:
+    """SQL for (dims object, numeric value, filter) over a ``usage_events`` row."""
+    dims = []
+    for i, dim in enumerate(meter.group_by):
+        params[f"dk{i}"] = dim
+        params[f"dp{i}"] = dim.split(".")
+        dims.append(f"CAST(:dk{i} AS text), properties #>> :dp{i}")
+    dims_sql = f"jsonb_build_object({', '.join(dims)})" if dims else "'{}'::jsonb"
+    if meter.value_property:
+        params["vp"] = meter.value_property.split(".")
+        if meter.aggregation == "unique_count":
+            value_sql = "properties #>> :vp"
+        else:
+            value_sql = "CASE WHEN jsonb_typeof(properties #> :vp) = 'number' THEN CAST(properties #>> :vp AS numeric) END"
+    else:
+        value_sql = "CAST(NULL AS numeric)"
+    where = ["event_type = :event_type"]
+    params["event_type"] = meter.event_type
+    for i, (key, values) in enumerate(sorted(meter.filter.items())):
+        params[f"fp{i}"] = key.split(".")
+        params[f"fv{i}"] = [v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+                            for v in values]
+        where.append(f"properties #>> :fp{i} = ANY(CAST(:fv{i} AS text[]))")
+    return dims_sql, value_sql, " AND ".join(where)
+
+
+def usage_sql(q: UsageQuery) -> tuple[str, dict[str, Any]]:
+    """The SQL (SQLAlchemy ``text`` style, ``:name`` binds) answering the query, and its parameters."""
+    meter = q.meter
+    params: dict[str, Any] = {"slug": meter.slug, "tz": q.tz, "end": q.end, "customer": q.customer_id}
+    dims_sql, value_sql, where = _event_expressions(meter, params)
+    customer_filter = "AND customer_id = :customer" if q.customer_id else ""
+    if q.start is None:
+        start_sql = (
+            "(SELECT coalesce(min(minute), CAST(:end AS timestamptz)) FROM usage_minute_aggregates"
+            " WHERE meter_slug = :slug)"
+        )
+    else:
+        start_sql = "CAST(:start AS timestamptz)"
+        params["start"] = q.start
+    if q.window is None:
+        bucket, bucket_end = "b.range_start", "b.range_end"
+    elif q.window in ("minute", "hour"):
+        bucket = f"date_trunc('{q.window}', t, :tz)"
+        bucket_end = f"bucket_start + interval '1 {q.window}'"
+    else:  # local calendar arithmetic: a day or month in the zone, whatever its length
+        bucket = f"date_trunc('{q.window}', t, :tz)"
+        bucket_end = f"(bucket_start AT TIME ZONE :tz + interval '1 {q.window}') AT TIME ZONE :tz"
+    group_cols = ["customer_id" if ("customer_id" in q.group_by or q.customer_id) else "CAST(NULL AS text)"]
+    dim_names = [g for g in q.group_by if g != "customer_id"]
+    for i, dim in enumerate(dim_names):
+        params[f"gk{i}"] = dim
+        group_cols.append(f"dims ->> CAST(:gk{i} AS text)")
+    group_select = ", ".join(f"{c} AS g{i}" for i, c in enumerate(group_cols))
+    group_refs = ", ".join(f"g{i}" for i in range(len(group_cols)))
+
+    if meter.aggregation in ("unique_count", "latest"):
+        # Exact over any range: straight from the raw events.
+        source = f"""
+            SELECT ts AS t, ts AS ts, id, customer_id, {dims_sql} AS dims, {value_sql} AS v
+            FROM usage_events, bounds b
+            WHERE {where} {customer_filter} AND ts >= b.range_start AND ts < b.range_end"""
+        if meter.aggregation == "unique_count":
+            value = "count(DISTINCT v)"
+        else:
+            value = "(array_agg(v ORDER BY ts DESC, id DESC) FILTER (WHERE v IS NOT NULL))[1]"
+    else:
+        source = f"""
+            SELECT minute AS t, customer_id, dims, event_count, value_count, value_sum, value_min, value_max
+            FROM usage_minute_aggregates, bounds b
+            WHERE meter_slug = :slug {customer_filter}
+              AND minute >= b.inner_start AND minute + interval '1 minute' <= b.inner_end
+            UNION ALL
+            SELECT ts, customer_id, {dims_sql}, 1, CASE WHEN v IS NULL THEN 0 ELSE 1 END, v, v, v
+            FROM (SELECT ts, customer_id, properties, {value_sql} AS v FROM usage_events, bounds b
+                  WHERE {where} {customer_filter} AND ts >= b.range_start AND ts < b.range_end
+                    AND (ts < b.inner_start OR ts >= b.inner_end)) edge"""
+        value = {
+            "count": "sum(event_count)",
+            "sum": "sum(value_sum)",
+            "min": "min(value_min)",
+            "max": "max(value_max)",
+            "avg": "sum(value_sum) / nullif(sum(value_count), 0)",
+        }[meter.aggregation]
+    sql = f"""
+        WITH bounds AS (
+            SELECT s AS range_start, e AS range_end,
+                   least(date_trunc('minute', s) + CASE WHEN date_trunc('minute', s) = s THEN interval '0'
+                                                     ELSE interval '1 minute' END, e) AS inner_start,
+                   greatest(date_trunc('minute', e), s) AS inner_end
+            FROM (SELECT {start_sql} AS s, CAST(:end AS timestamptz) AS e) r
+        ), src AS ({source}
+        ), bucketed AS (
+            SELECT {bucket} AS bucket_start, {group_select}, src.*
+            FROM src, bounds b
+        )
+        SELECT greatest(bucket_start, b.range_start) AS window_start,
+               least({bucket_end}, b.range_end) AS window_end,
+               {group_refs}, {value} AS value,
+               b.range_start, b.range_end
+        FROM bucketed, bounds b
+        GROUP BY bucket_start, b.range_start, b.range_end, {group_refs}
+        ORDER BY window_start, {group_refs}
+        LIMIT :limit OFFSET :offset
+    """
+    params["limit"] = q.limit + 1
+    params["offset"] = q.offset
+    return sql, params
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else value
+    return value
+
+
+def usage_answer(q: UsageQuery, rows: list[Any]) -> dict[str, Any]:
+    """The contract's JSON answer for the query's result rows."""
+    dim_names = [g for g in q.group_by if g != "customer_id"]
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    data = []
+    start = q.start
+    for row in rows:
+        window_start, window_end, customer, *dims = row[: 3 + len(dim_names)]
+        value = row[3 + len(dim_names)]
+        start = start or row[-2]
+        data.append({
+            "customer_id": customer,
+            "window_start": format_timestamp(window_start),
+            "window_end": format_timestamp(window_end),
+            "group": dict(zip(dim_names, dims, strict=True)),
+            "value": _number(value) if value is not None else (0 if q.meter.aggregation in ("count", "sum", "unique_count") else None),
+        })
+    answer: dict[str, Any] = {
+        "meter": q.meter.slug,
+        "window": q.window,
+        "tz": q.tz,
+        "from": format_timestamp(start) if start else None,
+        "to": format_timestamp(q.end),
+        "data": data,
+    }
+    if more:
+        answer["next_offset"] = q.offset + q.limit
+    return answer
