@@ -100,6 +100,29 @@ def new_event_id() -> str:
     return str(uuid.UUID(int=value))
 
 
+_MISSING_RE = re.compile(r"^Object missing required field `([^`]+)`(?: - at `\$(.*)`)?$")
+_AT_RE = re.compile(r"^(.*) - at `\$\.?([^`]*)`$")
+
+
+def _explain(text: str) -> tuple[str, str]:
+    """Turn a msgspec validation message into (field, readable message)."""
+    missing = _MISSING_RE.match(text)
+    if missing:
+        return missing.group(1), "is required"
+    at = _AT_RE.match(text)
+    if not at:
+        return "", text
+    message, path = at.group(1), at.group(2)
+    field = path.split("[")[0].split(".")[0]
+    if field == "timestamp" and "match" in message:
+        message = "must be an RFC 3339 timestamp with an offset, e.g. 2025-07-24T10:30:45.123Z"
+    elif message.startswith("Expected `str` of length"):
+        message = message.replace("Expected `str` of length", "must be a string of length")
+    elif message.startswith("Expected `"):
+        message = "must be " + message.removeprefix("Expected ").replace("`", "").replace(", got ", ", not ")
+    return field, message
+
+
 def _check_item(index: int, item: Any, errors: list[ItemError]) -> Event | None:
     """Convert one decoded JSON value to an Event, appending a precise error when it is not one."""
     if not isinstance(item, dict):
@@ -108,15 +131,8 @@ def _check_item(index: int, item: Any, errors: list[ItemError]) -> Event | None:
     try:
         return msgspec.convert(item, Event)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        # msgspec says e.g. "Expected `str` of length >= 1 - at `$.customer_id`".
-        message, _, path = text.rpartition(" - at `")
-        field = path.rstrip("`").removeprefix("$").lstrip(".") if path else ""
-        if not message:
-            message = text
-        if field == "timestamp" and "match" in message:
-            message = "must be an RFC 3339 timestamp with an offset, e.g. 2025-07-24T10:30:45.123Z"
-        errors.append(ItemError(index, field.split("[")[0].split(".")[0] or field, message))
+        field, message = _explain(str(exc))
+        errors.append(ItemError(index, field, message))
         return None
 
 

@@ -70,15 +70,18 @@ async def connect(url: str, name: str, **kwargs) -> Client:
 
 
 async def ensure_stream_and_consumer(js: JetStreamContext) -> None:
-    """Create the stream and durable consumer if missing; bring their settings up to date if not."""
-    config = stream_config()
+    """Create the stream and the durable consumer if they are missing.
+
+    Existing ones are left as they are, so an operator's tuning (limits, ack wait) survives restarts.
+    """
     try:
         await js.stream_info(STREAM_NAME)
     except NotFoundError:
-        await js.add_stream(config)
-    else:
-        await js.update_stream(config)
-    await js.add_consumer(STREAM_NAME, consumer_config())
+        await js.add_stream(stream_config())
+    try:
+        await js.consumer_info(STREAM_NAME, CONSUMER_NAME)
+    except NotFoundError:
+        await js.add_consumer(STREAM_NAME, consumer_config())
 
 
 @dataclass(frozen=True)

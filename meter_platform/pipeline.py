@@ -484,7 +484,7 @@ async def drain(
         while time.monotonic() - started < settings.max_seconds:
             try:
                 fetched = await sub.fetch(settings.batch_size, timeout=settings.fetch_timeout)
-            except NatsTimeoutError:
+            except (NatsTimeoutError, TimeoutError):
                 if time.monotonic() - last_seen >= settings.idle_seconds:
                     break
                 continue
@@ -505,4 +505,6 @@ async def drain(
         return total
     finally:
         writer.close()
-        await nc.drain()
+        # close(), not drain(): every ack was flushed above, and what was fetched but not acked must
+        # simply be left to redelivery.
+        await nc.close()

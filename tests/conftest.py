@@ -1,0 +1,93 @@
+"""Real servers for the whole session: nats-server (JetStream, fsync) and PostgreSQL, from the wheels,
+on free ports in temporary folders. Each test starts from an empty stream and empty tables."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from meter_platform import db, jetstream
+from meter_platform.catalog import Catalog, load_catalog
+from meter_platform.config import EXAMPLE_CATALOG_DIR, STREAM_NAME, Settings
+from meter_platform.servers import Server, start_nats, start_postgres
+
+TABLES = ("usage_minute_aggregates", "usage_events", "quarantined_events", "ingest_messages", "ingest_batches")
+
+
+@dataclass
+class NatsHandle:
+    """The session's nats-server, restartable on the same port and store."""
+
+    store: Path
+    server: Server
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def restart(self) -> None:
+        """Stop the server and start it again on the same port, from the same file store."""
+        port = int(self.url.rsplit(":", 1)[1])
+        self.server.stop()
+        self.server = start_nats(self.store, port=port)
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsHandle]:
+    """A real nats-server with JetStream on a free port, file store in a temp dir."""
+    store = tmp_path_factory.mktemp("nats")
+    handle = NatsHandle(store, start_nats(store))
+    yield handle
+    handle.server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real PostgreSQL on a free port, fresh cluster in a temp dir."""
+    server = start_postgres(tmp_path_factory.mktemp("pg") / "data", databases=("meter",))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_server: Server) -> str:
+    """The platform database, migrated."""
+    db.migrate(pg_server.url)
+    return pg_server.url
+
+
+@pytest.fixture(scope="session")
+def catalog() -> Catalog:
+    """The package's example catalog."""
+    return load_catalog(EXAMPLE_CATALOG_DIR)
+
+
+async def _reset_stream(url: str) -> None:
+    nc = await jetstream.connect(url, name="tests")
+    try:
+        js = nc.jetstream()
+        try:
+            await js.delete_stream(STREAM_NAME)
+        except Exception:
+            pass
+        await jetstream.ensure_stream_and_consumer(js)
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def clean(nats_server: NatsHandle, database_url: str) -> None:
+    """An empty stream with its consumer, and empty tables."""
+    asyncio.run(_reset_stream(nats_server.url))
+    with db.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+
+
+@pytest.fixture
+def settings(nats_server: NatsHandle, database_url: str, tmp_path: Path) -> Settings:
+    """Settings pointing at the session's servers."""
+    return Settings(nats_url=nats_server.url, database_url=database_url, data_dir=tmp_path / ".meter")
