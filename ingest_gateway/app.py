@@ -27,8 +27,15 @@ from starlette.routing import Route
 
 from meter_platform import db, jetstream
 from meter_platform.catalog import Catalog, load_catalog
-from meter_platform.config import BATCH_HEADER, CONSUMER_NAME, GATEWAY_SUBJECT, STREAM_NAME, Settings, \
-    load_settings, require_url
+from meter_platform.config import (
+    BATCH_HEADER,
+    CONSUMER_NAME,
+    GATEWAY_SUBJECT,
+    STREAM_NAME,
+    Settings,
+    load_settings,
+    require_url,
+)
 from meter_platform.events import (
     Event,
     GatewayBatch,
@@ -55,8 +62,9 @@ PENDING_SCAN_LIMIT = 2_000
 class ApiError(Exception):
     """An answer with the contract's error shape."""
 
-    def __init__(self, status: int, error: str, details: list[Any] | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, error: str, details: list[Any] | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(error)
         self.status, self.error, self.details, self.headers = status, error, details or [], headers
 
@@ -115,27 +123,36 @@ class Gateway:
         """Publish the events durably; raise ApiError(503) when JetStream does not confirm them."""
         assert self.js is not None and self.nc is not None
         if not self.nc.is_connected:
-            raise ApiError(503, "The event broker is unreachable; nothing was stored. Retry shortly.",
-                           headers={"Retry-After": "2"})
+            raise ApiError(
+                503,
+                "The event broker is unreachable; nothing was stored. Retry shortly.",
+                headers={"Retry-After": "2"},
+            )
         request_id = new_event_id()
         payloads = self._chunks(events, received_us)
         try:
-            acks = await asyncio.gather(*(
-                self.js.publish(
-                    GATEWAY_SUBJECT,
-                    payload,
-                    stream=STREAM_NAME,
-                    # Our own retry of this publish is dropped by JetStream, not stored twice.
-                    headers={"Nats-Msg-Id": f"{request_id}-{i}", BATCH_HEADER: "1"},
+            acks = await asyncio.gather(
+                *(
+                    self.js.publish(
+                        GATEWAY_SUBJECT,
+                        payload,
+                        stream=STREAM_NAME,
+                        # Our own retry of this publish is dropped by JetStream, not stored twice.
+                        headers={"Nats-Msg-Id": f"{request_id}-{i}", BATCH_HEADER: "1"},
+                    )
+                    for i, payload in enumerate(payloads)
                 )
-                for i, payload in enumerate(payloads)
-            ))
+            )
         except Exception as exc:  # any failure means "not durable": the client must retry
             log.warning("JetStream did not confirm a publish: %r", exc)
             detail = str(exc) or type(exc).__name__
-            raise ApiError(503, "Events could not be made durable (broker unavailable or stream full); "
-                           "nothing is guaranteed stored. Retry with the same ids.",
-                           [{"reason": detail}], headers={"Retry-After": "1"}) from exc
+            raise ApiError(
+                503,
+                "Events could not be made durable (broker unavailable or stream full); "
+                "nothing is guaranteed stored. Retry with the same ids.",
+                [{"reason": detail}],
+                headers={"Retry-After": "1"},
+            ) from exc
         log.debug("stored %d events in %d message(s), last seq %s", len(events), len(acks), acks[-1].seq)
 
     # --- read side -------------------------------------------------------------------------------
@@ -149,9 +166,12 @@ class Gateway:
         except Exception as exc:
             from sqlalchemy.exc import DBAPIError, OperationalError
 
-            if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
-                raise ApiError(503, "The database is unreachable. Retry shortly.",
-                               headers={"Retry-After": "2"}) from exc
+            if isinstance(exc, OperationalError) or (
+                isinstance(exc, DBAPIError) and exc.connection_invalidated
+            ):
+                raise ApiError(
+                    503, "The database is unreachable. Retry shortly.", headers={"Retry-After": "2"}
+                ) from exc
             raise
 
     async def find_pending(self, event_id: str) -> dict[str, Any] | None:
@@ -168,8 +188,11 @@ class Gateway:
             if event_id.encode() not in data:
                 continue
             decoded = decode_any(data)
-            items = decoded.get("events", []) if isinstance(decoded, dict) and "events" in decoded else (
-                decoded if isinstance(decoded, list) else [decoded])
+            items = (
+                decoded.get("events", [])
+                if isinstance(decoded, dict) and "events" in decoded
+                else (decoded if isinstance(decoded, list) else [decoded])
+            )
             for item in items:
                 if isinstance(item, dict) and item.get("id") == event_id:
                     out = dict(item)
@@ -205,8 +228,11 @@ async def post_events(request: Request) -> Response:
     gw = _gateway(request)
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type not in ("application/json", "application/x-ndjson", "application/ndjson"):
-        raise ApiError(415, f"Content type {content_type!r} is not supported; send application/json "
-                       "(one event or an array) or application/x-ndjson.")
+        raise ApiError(
+            415,
+            f"Content type {content_type!r} is not supported; send application/json "
+            "(one event or an array) or application/x-ndjson.",
+        )
     body = await _read_body(request, gw.settings.max_body_bytes)
     received_us = now_us()
     if not body.strip():
@@ -221,8 +247,12 @@ async def post_events(request: Request) -> Response:
     errors += check_times(events, received_us)
     if errors:
         errors.sort(key=lambda e: e.index)
-        raise ApiError(400, f"{len({e.index for e in errors})} of {len(events)} event(s) are invalid; "
-                       "nothing of this request was kept.", [msgspec.to_builtins(e) for e in errors])
+        raise ApiError(
+            400,
+            f"{len({e.index for e in errors})} of {len(events)} event(s) are invalid; "
+            "nothing of this request was kept.",
+            [msgspec.to_builtins(e) for e in errors],
+        )
     good: list[Event] = [e for e in events if e is not None]
     for event in good:
         if event.id is None:
@@ -237,31 +267,52 @@ async def get_event(request: Request) -> Response:
     event_id = request.path_params["event_id"]
     rows = await gw.query(
         "SELECT id, event_type, customer_id, ts, received_at, properties, metadata, stream_seq"
-        " FROM usage_events WHERE id = :id", {"id": event_id})
+        " FROM usage_events WHERE id = :id",
+        {"id": event_id},
+    )
     if rows:
         r = rows[0]
-        return json_response({
-            "id": r.id, "event_type": r.event_type, "customer_id": r.customer_id,
-            "timestamp": format_timestamp(r.ts), "received_at": format_timestamp(r.received_at),
-            "properties": r.properties, "metadata": r.metadata, "state": "stored", "stream_seq": r.stream_seq,
-        })
+        return json_response(
+            {
+                "id": r.id,
+                "event_type": r.event_type,
+                "customer_id": r.customer_id,
+                "timestamp": format_timestamp(r.ts),
+                "received_at": format_timestamp(r.received_at),
+                "properties": r.properties,
+                "metadata": r.metadata,
+                "state": "stored",
+                "stream_seq": r.stream_seq,
+            }
+        )
     rows = await gw.query(
         "SELECT event_id, event_type, customer_id, ts, received_at, payload, reasons, stream_seq, status"
-        " FROM quarantined_events WHERE event_id = :id", {"id": event_id})
+        " FROM quarantined_events WHERE event_id = :id",
+        {"id": event_id},
+    )
     if rows:
         r = rows[0]
         payload = r.payload if isinstance(r.payload, dict) else {}
-        return json_response({
-            "id": r.event_id, "event_type": r.event_type, "customer_id": r.customer_id,
-            "timestamp": format_timestamp(r.ts) if r.ts else payload.get("timestamp"),
-            "received_at": format_timestamp(r.received_at),
-            "properties": payload.get("properties", {}), "metadata": payload.get("metadata", {}),
-            "state": "quarantined", "reasons": r.reasons, "stream_seq": r.stream_seq,
-        })
+        return json_response(
+            {
+                "id": r.event_id,
+                "event_type": r.event_type,
+                "customer_id": r.customer_id,
+                "timestamp": format_timestamp(r.ts) if r.ts else payload.get("timestamp"),
+                "received_at": format_timestamp(r.received_at),
+                "properties": payload.get("properties", {}),
+                "metadata": payload.get("metadata", {}),
+                "state": "quarantined",
+                "reasons": r.reasons,
+                "stream_seq": r.stream_seq,
+            }
+        )
     pending = await gw.find_pending(event_id)
     if pending is not None:
         return json_response(pending)
-    raise ApiError(404, f"No event with id {event_id!r} was accepted (or it is still far back in the backlog).")
+    raise ApiError(
+        404, f"No event with id {event_id!r} was accepted (or it is still far back in the backlog)."
+    )
 
 
 async def list_meters(request: Request) -> Response:
@@ -291,23 +342,38 @@ async def ingest_status(request: Request) -> Response:
     try:
         backlog = await jetstream.backlog(gw.js)
     except Exception as exc:
-        raise ApiError(503, "The event broker is unreachable. Retry shortly.", headers={"Retry-After": "2"}) from exc
-    row = (await gw.query(
-        "SELECT coalesce(sum(events), 0) AS events, coalesce(sum(stored), 0) AS stored,"
-        " coalesce(sum(duplicates), 0) AS duplicates, coalesce(sum(quarantined), 0) AS quarantined,"
-        " coalesce(sum(messages), 0) AS messages, max(committed_at) AS last_commit FROM ingest_batches"))[0]
-    return json_response({
-        "stream": {"name": STREAM_NAME, "last_seq": backlog.last_seq, "messages": backlog.messages},
-        "consumer": {"name": CONSUMER_NAME, "pending": backlog.pending + backlog.ack_pending,
-                     "ack_pending": backlog.ack_pending, "ack_floor": backlog.ack_floor},
-        "events": {
-            "processed": int(row.events), "stored": int(row.stored), "duplicates": int(row.duplicates),
-            "quarantined": int(row.quarantined),
-            "balanced": int(row.events) == int(row.stored) + int(row.duplicates) + int(row.quarantined),
-        },
-        "ledger": {"messages": int(row.messages),
-                   "last_commit": format_timestamp(row.last_commit) if row.last_commit else None},
-    })
+        raise ApiError(
+            503, "The event broker is unreachable. Retry shortly.", headers={"Retry-After": "2"}
+        ) from exc
+    row = (
+        await gw.query(
+            "SELECT coalesce(sum(events), 0) AS events, coalesce(sum(stored), 0) AS stored,"
+            " coalesce(sum(duplicates), 0) AS duplicates, coalesce(sum(quarantined), 0) AS quarantined,"
+            " coalesce(sum(messages), 0) AS messages, max(committed_at) AS last_commit FROM ingest_batches"
+        )
+    )[0]
+    return json_response(
+        {
+            "stream": {"name": STREAM_NAME, "last_seq": backlog.last_seq, "messages": backlog.messages},
+            "consumer": {
+                "name": CONSUMER_NAME,
+                "pending": backlog.pending + backlog.ack_pending,
+                "ack_pending": backlog.ack_pending,
+                "ack_floor": backlog.ack_floor,
+            },
+            "events": {
+                "processed": int(row.events),
+                "stored": int(row.stored),
+                "duplicates": int(row.duplicates),
+                "quarantined": int(row.quarantined),
+                "balanced": int(row.events) == int(row.stored) + int(row.duplicates) + int(row.quarantined),
+            },
+            "ledger": {
+                "messages": int(row.messages),
+                "last_commit": format_timestamp(row.last_commit) if row.last_commit else None,
+            },
+        }
+    )
 
 
 async def healthz(request: Request) -> Response:
@@ -332,8 +398,11 @@ async def readyz(request: Request) -> Response:
         checks["postgres"] = f"failed: {exc!r}"
     ok = all(v == "ok" for v in checks.values()) and len(checks) == 3
     if not ok:
-        return json_response({"error": "Not ready: a dependency does not answer.", "details": [checks]},
-                             status=503, headers={"Retry-After": "2"})
+        return json_response(
+            {"error": "Not ready: a dependency does not answer.", "details": [checks]},
+            status=503,
+            headers={"Retry-After": "2"},
+        )
     return json_response({"status": "ready", "checks": checks})
 
 
@@ -344,9 +413,12 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    message = {404: "No such endpoint; see the README for the API.",
-               405: "Method not allowed on this endpoint."}.get(exc.status_code, str(exc.detail))
-    return json_response({"error": message, "details": []}, status=exc.status_code, headers=exc.headers)
+    message = {
+        404: "No such endpoint; see the README for the API.",
+        405: "Method not allowed on this endpoint.",
+    }.get(exc.status_code, str(exc.detail))
+    headers = dict(exc.headers) if exc.headers else None
+    return json_response({"error": message, "details": []}, status=exc.status_code, headers=headers)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:

@@ -161,8 +161,9 @@ def _parse_event_types(data: dict[str, Any], errors: list[str]) -> dict[str, Eve
     return out
 
 
-def _parse_meter(i: int, raw: Any, event_types: dict[str, EventTypeSpec], accept_unknown: bool,
-                 errors: list[str]) -> Meter | None:
+def _parse_meter(
+    i: int, raw: Any, event_types: dict[str, EventTypeSpec], accept_unknown: bool, errors: list[str]
+) -> Meter | None:
     if not isinstance(raw, dict):
         errors.append(f"meters.yaml: meter #{i + 1} must be a mapping.")
         return None
@@ -170,7 +171,9 @@ def _parse_meter(i: int, raw: Any, event_types: dict[str, EventTypeSpec], accept
     where = f"meters.yaml: meter {slug!r}" if slug else f"meters.yaml: meter #{i + 1}"
     before = len(errors)
     if not isinstance(slug, str) or not _SLUG.match(slug):
-        errors.append(f"{where}: slug must be lower-case letters, digits and _ (at most 64), starting with a letter.")
+        errors.append(
+            f"{where}: slug must be lower-case letters, digits and _ (at most 64), starting with a letter."
+        )
     event_type = raw.get("event_type")
     if not isinstance(event_type, str) or not event_type:
         errors.append(f"{where}: event_type is required.")
@@ -183,12 +186,16 @@ def _parse_meter(i: int, raw: Any, event_types: dict[str, EventTypeSpec], accept
     declared = {p.name: p for p in event_types[event_type].properties} if event_type in event_types else {}
     if aggregation in NUMERIC_AGGREGATIONS or aggregation == "unique_count":
         if not value_property:
-            errors.append(f"{where}: aggregation {aggregation!r} needs a value_property (a dotted path into properties).")
+            errors.append(
+                f"{where}: aggregation {aggregation!r} needs a value_property (a dotted path into properties)."
+            )
         elif not isinstance(value_property, str) or not _PATH.match(value_property):
             errors.append(f"{where}: value_property {value_property!r} is not a dotted property path.")
-        elif aggregation in NUMERIC_AGGREGATIONS and value_property in declared and declared[
-            value_property
-        ].type not in ("integer", "number"):
+        elif (
+            aggregation in NUMERIC_AGGREGATIONS
+            and value_property in declared
+            and declared[value_property].type not in ("integer", "number")
+        ):
             errors.append(
                 f"{where}: value_property {value_property!r} is declared as "
                 f"{declared[value_property].type}; {aggregation} needs an integer or number."
@@ -221,6 +228,7 @@ def _parse_meter(i: int, raw: Any, event_types: dict[str, EventTypeSpec], accept
             filt[key] = values
     if len(errors) > before:
         return None
+    assert isinstance(slug, str) and isinstance(event_type, str) and isinstance(aggregation, str)
     return Meter(
         slug=slug,
         event_type=event_type,
@@ -247,7 +255,9 @@ def load_catalog(catalog_dir: Path) -> Catalog:
     for slug in {s for s in slugs if slugs.count(s) > 1}:
         errors.append(f"meters.yaml: slug {slug!r} is used by more than one meter.")
     if errors:
-        raise CatalogError(f"The catalog in {catalog_dir} has {len(errors)} problem(s):\n  - " + "\n  - ".join(errors))
+        raise CatalogError(
+            f"The catalog in {catalog_dir} has {len(errors)} problem(s):\n  - " + "\n  - ".join(errors)
+        )
     return Catalog(
         meters=tuple(m for m in meters if m is not None),
         event_types=event_types,

@@ -53,8 +53,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     ev, st, co = answer["events"], answer["stream"], answer["consumer"]
     print(f"stream {st['name']}: last seq {st['last_seq']:,}, {st['messages']:,} messages waiting")
     print(f"consumer: {co['pending']:,} pending, ack floor {co['ack_floor']:,}")
-    print(f"events processed {ev['processed']:,} = stored {ev['stored']:,} + duplicates {ev['duplicates']:,}"
-          f" + quarantined {ev['quarantined']:,}  ({'balanced' if ev['balanced'] else 'NOT BALANCED'})")
+    print(
+        f"events processed {ev['processed']:,} = stored {ev['stored']:,} + duplicates {ev['duplicates']:,}"
+        f" + quarantined {ev['quarantined']:,}  ({'balanced' if ev['balanced'] else 'NOT BALANCED'})"
+    )
     return 0
 
 
@@ -78,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("demo", help="send realistic usage traffic through the gateway and check the totals")
     p.add_argument("--events", type=int, default=10_000, help="how many events to send (default 10000)")
-    p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
+    p.add_argument(
+        "--rate", type=float, default=None, help="events per second (default: as fast as possible)"
+    )
     p.add_argument("--batch-size", type=int, default=500, help="events per request (default 500)")
     p.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable run")
     p.add_argument("--no-wait", action="store_true", help="do not wait for the pipeline to count the events")

@@ -20,7 +20,7 @@ _MIGRATION_LOCK = 0x6D65746572  # "meter"
 
 def libpq_url(url: str) -> str:
     """The URL as libpq (psycopg) takes it: ``postgresql://...`` without a SQLAlchemy driver suffix."""
-    scheme, sep, rest = url.partition("://")
+    _, sep, rest = url.partition("://")
     if not sep:
         raise ValueError(f"not a database URL: {url!r} (expected postgresql://user@host:port/dbname)")
     return "postgresql://" + rest

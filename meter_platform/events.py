@@ -96,7 +96,13 @@ def new_event_id() -> str:
     """A UUIDv7 (time-ordered, RFC 9562) as a string: ids the gateway makes sort by arrival."""
     ms = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | rand & (2**62 - 1)
+    value = (
+        (ms & 0xFFFF_FFFF_FFFF) << 80
+        | 0x7 << 76
+        | (rand >> 68 & 0xFFF) << 64
+        | 0b10 << 62
+        | rand & (2**62 - 1)
+    )
     return str(uuid.UUID(int=value))
 
 

@@ -65,8 +65,14 @@ def consumer_config() -> ConsumerConfig:
 
 async def connect(url: str, name: str, **kwargs) -> Client:
     """Connect to NATS, failing fast (no endless reconnect at start-up)."""
-    return await nats.connect(url, name=name, connect_timeout=5, max_reconnect_attempts=kwargs.pop(
-        "max_reconnect_attempts", 60), reconnect_time_wait=0.5, **kwargs)
+    return await nats.connect(
+        url,
+        name=name,
+        connect_timeout=5,
+        max_reconnect_attempts=kwargs.pop("max_reconnect_attempts", 60),
+        reconnect_time_wait=0.5,
+        **kwargs,
+    )
 
 
 async def ensure_stream_and_consumer(js: JetStreamContext) -> None:

@@ -34,7 +34,6 @@ from typing import Any
 import msgspec
 import psycopg
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js import JetStreamContext
 
 from meter_platform import db
 from meter_platform.catalog import Catalog, Meter
@@ -86,7 +85,9 @@ class BatchCounts:
         for name in ("messages", "events", "stored", "duplicates", "quarantined", "redelivered", "batches"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         if other.first_seq is not None:
-            self.first_seq = other.first_seq if self.first_seq is None else min(self.first_seq, other.first_seq)
+            self.first_seq = (
+                other.first_seq if self.first_seq is None else min(self.first_seq, other.first_seq)
+            )
         if other.last_seq is not None:
             self.last_seq = other.last_seq if self.last_seq is None else max(self.last_seq, other.last_seq)
 
@@ -123,7 +124,9 @@ class _Quarantine:
     seq: int
 
 
-def _decode_message(msg: Message, rows: _Rows, bad: list[_Quarantine], per_msg_events: dict[int, int]) -> None:
+def _decode_message(
+    msg: Message, rows: _Rows, bad: list[_Quarantine], per_msg_events: dict[int, int]
+) -> None:
     """Append the message's events to ``rows`` (or ``bad``), counting them per message."""
     received = us_to_datetime(msg.timestamp_us)
     if msg.headers and BATCH_HEADER in msg.headers:
@@ -146,8 +149,19 @@ def _decode_message(msg: Message, rows: _Rows, bad: list[_Quarantine], per_msg_e
     try:
         decoded = decode_any(msg.data)
     except msgspec.DecodeError as exc:
-        bad.append(_Quarantine(None, None, None, None, received, None, msg.data.decode("utf-8", "replace"),
-                               [Failure("", "not_json", f"the message is not valid JSON ({exc})")], msg.seq))
+        bad.append(
+            _Quarantine(
+                None,
+                None,
+                None,
+                None,
+                received,
+                None,
+                msg.data.decode("utf-8", "replace"),
+                [Failure("", "not_json", f"the message is not valid JSON ({exc})")],
+                msg.seq,
+            )
+        )
         per_msg_events[msg.seq] = 1
         return
     items = decoded if isinstance(decoded, list) else [decoded]
@@ -158,24 +172,54 @@ def _decode_message(msg: Message, rows: _Rows, bad: list[_Quarantine], per_msg_e
         fallback_id = header_id if (header_id and len(items) == 1) else f"nats-{msg.seq}-{i}"
         if event is None or error is not None:
             raw_id = item.get("id") if isinstance(item, dict) else None
-            bad.append(_Quarantine(
-                raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= 128 else None,
-                item.get("event_type") if isinstance(item, dict) and isinstance(item.get("event_type"), str) else None,
-                item.get("customer_id") if isinstance(item, dict) and isinstance(item.get("customer_id"), str) else None,
-                None, received, item, None,
-                [Failure(error.field if error else "", "invalid_envelope", error.message if error else "invalid")],
-                msg.seq,
-            ))
+            bad.append(
+                _Quarantine(
+                    raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= 128 else None,
+                    item.get("event_type")
+                    if isinstance(item, dict) and isinstance(item.get("event_type"), str)
+                    else None,
+                    item.get("customer_id")
+                    if isinstance(item, dict) and isinstance(item.get("customer_id"), str)
+                    else None,
+                    None,
+                    received,
+                    item,
+                    None,
+                    [
+                        Failure(
+                            error.field if error else "",
+                            "invalid_envelope",
+                            error.message if error else "invalid",
+                        )
+                    ],
+                    msg.seq,
+                )
+            )
             continue
         event_id = event.id or fallback_id
         ts = received
         if event.timestamp is not None:
             ts = parse_timestamp(event.timestamp)
             if ts > received + MAX_FUTURE_SKEW:
-                bad.append(_Quarantine(event_id, event.event_type, event.customer_id, ts, received, item, None,
-                                       [Failure("timestamp", "future_timestamp",
-                                                "is more than 5 minutes ahead of the time JetStream stored it")],
-                                       msg.seq))
+                bad.append(
+                    _Quarantine(
+                        event_id,
+                        event.event_type,
+                        event.customer_id,
+                        ts,
+                        received,
+                        item,
+                        None,
+                        [
+                            Failure(
+                                "timestamp",
+                                "future_timestamp",
+                                "is more than 5 minutes ahead of the time JetStream stored it",
+                            )
+                        ],
+                        msg.seq,
+                    )
+                )
                 continue
         rows.ids.append(event_id)
         rows.event_types.append(event.event_type)
@@ -240,6 +284,13 @@ def _aggregate_sql(meter: Meter) -> tuple[str, dict[str, Any]]:
     return sql, params
 
 
+def _one(cur: psycopg.Cursor) -> Any:
+    """The single value of a one-row answer."""
+    row = cur.fetchone()
+    assert row is not None
+    return row[0]
+
+
 class MicroBatchWriter:
     """Validates and writes micro-batches for one catalog into one database (steps 2-4 above)."""
 
@@ -270,8 +321,11 @@ class MicroBatchWriter:
             spec = self.catalog.event_types.get(et)
             if spec is None:
                 if not self.catalog.accept_unknown_event_types:
-                    reason = Failure("event_type", "unknown_event_type",
-                                     f"event type {et!r} is not declared in events.yaml")
+                    reason = Failure(
+                        "event_type",
+                        "unknown_event_type",
+                        f"event type {et!r} is not declared in events.yaml",
+                    )
                     for i in idx:
                         failed[i] = [reason]
                 continue
@@ -285,18 +339,31 @@ class MicroBatchWriter:
             for local, failures in result.items():
                 failed[idx[local]] = failures
         for i, failures in failed.items():
-            bad.append(_Quarantine(
-                rows.ids[i], rows.event_types[i], rows.customer_ids[i], rows.timestamps[i], rows.received[i],
-                {"id": rows.ids[i], "event_type": rows.event_types[i], "customer_id": rows.customer_ids[i],
-                 "timestamp": rows.timestamps[i].isoformat(), "properties": rows.properties[i],
-                 "metadata": rows.metadata[i]},
-                None, failures, rows.seqs[i],
-            ))
+            bad.append(
+                _Quarantine(
+                    rows.ids[i],
+                    rows.event_types[i],
+                    rows.customer_ids[i],
+                    rows.timestamps[i],
+                    rows.received[i],
+                    {
+                        "id": rows.ids[i],
+                        "event_type": rows.event_types[i],
+                        "customer_id": rows.customer_ids[i],
+                        "timestamp": rows.timestamps[i].isoformat(),
+                        "properties": rows.properties[i],
+                        "metadata": rows.metadata[i],
+                    },
+                    None,
+                    failures,
+                    rows.seqs[i],
+                )
+            )
         return _take(rows, [i for i in range(len(rows.ids)) if i not in failed]) if failed else rows
 
     def write(self, messages: list[Message], run_id: str | None = None) -> BatchCounts:
         """Decode, validate and commit one micro-batch (steps 2-4); the caller acks afterwards."""
-        rows, bad = _Rows(), []
+        rows, bad = _Rows(), list[_Quarantine]()
         per_msg_events: dict[int, int] = {}
         for msg in messages:
             _decode_message(msg, rows, bad, per_msg_events)
@@ -328,8 +395,14 @@ class MicroBatchWriter:
                 raise
         raise RuntimeError("micro-batch kept deadlocking; its messages stay un-acked and will be redelivered")
 
-    def _commit(self, messages: list[Message], per_msg_events: dict[int, int], rows: _Rows,
-                bad: list[_Quarantine], run_id: str | None) -> BatchCounts:
+    def _commit(
+        self,
+        messages: list[Message],
+        per_msg_events: dict[int, int],
+        rows: _Rows,
+        bad: list[_Quarantine],
+        run_id: str | None,
+    ) -> BatchCounts:
         conn = self._connection()
         seqs = sorted(m.seq for m in messages)
         subjects = {m.seq: m.subject for m in messages}
@@ -337,13 +410,16 @@ class MicroBatchWriter:
         with conn.transaction():
             cur = conn.cursor()
             # 3a. Claim the messages; rows that already exist belong to an earlier commit.
-            batch_id = cur.execute(
-                "INSERT INTO ingest_batches (run_id, first_seq, last_seq, messages, events, stored, duplicates,"
-                " quarantined) VALUES (%s, %s, %s, 0, 0, 0, 0, 0) RETURNING batch_id",
-                (run_id, seqs[0], seqs[-1]),
-            ).fetchone()[0]
+            batch_id = _one(
+                cur.execute(
+                    "INSERT INTO ingest_batches (run_id, first_seq, last_seq, messages, events, stored, duplicates,"
+                    " quarantined) VALUES (%s, %s, %s, 0, 0, 0, 0, 0) RETURNING batch_id",
+                    (run_id, seqs[0], seqs[-1]),
+                )
+            )
             claimed = {
-                r[0] for r in cur.execute(
+                r[0]
+                for r in cur.execute(
                     "INSERT INTO ingest_messages (stream_seq, batch_id, subject, events, stored, duplicates,"
                     " quarantined) SELECT s, %s, j, 0, 0, 0, 0 FROM unnest(%s::bigint[], %s::text[]) AS t(s, j)"
                     " ON CONFLICT (stream_seq) DO NOTHING RETURNING stream_seq",
@@ -361,23 +437,34 @@ class MicroBatchWriter:
             cur.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS incoming (LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             )
-            cur.execute("CREATE TEMP TABLE IF NOT EXISTS new_events (LIKE usage_events) ON COMMIT DELETE ROWS")
+            cur.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS new_events (LIKE usage_events) ON COMMIT DELETE ROWS"
+            )
             with cur.copy(
                 "COPY incoming (id, event_type, customer_id, ts, received_at, properties, metadata, stream_seq)"
                 " FROM STDIN"
             ) as copy:
                 for i in range(len(rows.ids)):
                     if rows.seqs[i] in claimed:
-                        copy.write_row((
-                            rows.ids[i], rows.event_types[i], rows.customer_ids[i], rows.timestamps[i],
-                            rows.received[i], _json.encode(rows.properties[i]).decode(),
-                            _json.encode(rows.metadata[i]).decode(), rows.seqs[i],
-                        ))
+                        copy.write_row(
+                            (
+                                rows.ids[i],
+                                rows.event_types[i],
+                                rows.customer_ids[i],
+                                rows.timestamps[i],
+                                rows.received[i],
+                                _json.encode(rows.properties[i]).decode(),
+                                _json.encode(rows.metadata[i]).decode(),
+                                rows.seqs[i],
+                            )
+                        )
             cur.execute(
                 "WITH ins AS (INSERT INTO usage_events SELECT * FROM incoming ORDER BY id"
                 " ON CONFLICT (id) DO NOTHING RETURNING *) INSERT INTO new_events SELECT * FROM ins"
             )
-            stored = dict(cur.execute("SELECT stream_seq, count(*) FROM new_events GROUP BY 1").fetchall())
+            stored: dict[int, int] = dict(
+                cur.execute("SELECT stream_seq, count(*) FROM new_events GROUP BY 1").fetchall()
+            )
             # 3c. Quarantine, unless the id is stored already (then it is a duplicate).
             quarantined: dict[int, int] = {}
             todo = [q for q in bad if q.seq in claimed]
@@ -390,21 +477,33 @@ class MicroBatchWriter:
                     " payload_text, reasons, stream_seq, quarantined_at, status) FROM STDIN"
                 ) as copy:
                     for n, q in enumerate(todo):
-                        copy.write_row((
-                            n, q.event_id, q.event_type, q.customer_id, q.ts, q.received,
-                            None if q.payload is None else _json.encode(q.payload).decode(),
-                            q.payload_text, _json.encode([f.as_json() for f in q.reasons]).decode(),
-                            q.seq, datetime.now().astimezone(), "quarantined",
-                        ))
-                quarantined = dict(cur.execute(
-                    "WITH ins AS (INSERT INTO quarantined_events (event_id, event_type, customer_id, ts, received_at,"
-                    " payload, payload_text, reasons, stream_seq)"
-                    " SELECT event_id, event_type, customer_id, ts, received_at, payload, payload_text, reasons,"
-                    " stream_seq FROM incoming_q q WHERE q.event_id IS NULL OR NOT EXISTS"
-                    " (SELECT 1 FROM usage_events u WHERE u.id = q.event_id) ORDER BY quarantine_id"
-                    " ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING RETURNING stream_seq)"
-                    " SELECT stream_seq, count(*) FROM ins GROUP BY 1"
-                ).fetchall())
+                        copy.write_row(
+                            (
+                                n,
+                                q.event_id,
+                                q.event_type,
+                                q.customer_id,
+                                q.ts,
+                                q.received,
+                                None if q.payload is None else _json.encode(q.payload).decode(),
+                                q.payload_text,
+                                _json.encode([f.as_json() for f in q.reasons]).decode(),
+                                q.seq,
+                                datetime.now().astimezone(),
+                                "quarantined",
+                            )
+                        )
+                quarantined = dict(
+                    cur.execute(
+                        "WITH ins AS (INSERT INTO quarantined_events (event_id, event_type, customer_id, ts, received_at,"
+                        " payload, payload_text, reasons, stream_seq)"
+                        " SELECT event_id, event_type, customer_id, ts, received_at, payload, payload_text, reasons,"
+                        " stream_seq FROM incoming_q q WHERE q.event_id IS NULL OR NOT EXISTS"
+                        " (SELECT 1 FROM usage_events u WHERE u.id = q.event_id) ORDER BY quarantine_id"
+                        " ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING RETURNING stream_seq)"
+                        " SELECT stream_seq, count(*) FROM ins GROUP BY 1"
+                    ).fetchall()
+                )
             # 3d. Aggregates from the newly stored rows only.
             if stored:
                 types = {r[0] for r in cur.execute("SELECT DISTINCT event_type FROM new_events").fetchall()}
@@ -430,8 +529,16 @@ class MicroBatchWriter:
             cur.execute(
                 "UPDATE ingest_batches SET first_seq = %s, last_seq = %s, messages = %s, events = %s, stored = %s,"
                 " duplicates = %s, quarantined = %s WHERE batch_id = %s",
-                (counts.first_seq, counts.last_seq, counts.messages, counts.events, counts.stored,
-                 counts.duplicates, counts.quarantined, batch_id),
+                (
+                    counts.first_seq,
+                    counts.last_seq,
+                    counts.messages,
+                    counts.events,
+                    counts.stored,
+                    counts.duplicates,
+                    counts.quarantined,
+                    batch_id,
+                ),
             )
         # 4. Committed (leaving the `with` block commits the transaction).
         return counts

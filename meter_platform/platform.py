@@ -32,8 +32,9 @@ def dagster_home() -> Path:
     for base in (Path.cwd(), PACKAGE_DIR.parent):
         if (base / "dagster_home" / "dagster.yaml").exists():
             return (base / "dagster_home").resolve()
-    raise SystemExit("dagster_home/dagster.yaml not found: run `meter up` from the project checkout, "
-                     "or set DAGSTER_HOME.")
+    raise SystemExit(
+        "dagster_home/dagster.yaml not found: run `meter up` from the project checkout, or set DAGSTER_HOME."
+    )
 
 
 def dagster_database_url(database_url: str) -> str:
@@ -58,8 +59,14 @@ class Platform:
         log = self.settings.data_dir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
         server = Server(name, proc, "", log)
         self.servers.append(server)
         return server
@@ -116,7 +123,9 @@ def up() -> int:
         dagster_db = dagster_database_url(database_url)
         db.ensure_database(dagster_db)
         applied = db.migrate(database_url)
-        _say(f"database schema up to date ({'applied migrations ' + str(applied) if applied else 'no new migrations'})")
+        _say(
+            f"database schema up to date ({'applied migrations ' + str(applied) if applied else 'no new migrations'})"
+        )
 
         async def prepare_stream() -> None:
             nc = await jetstream.connect(nats_url, name="meter-up")
@@ -136,30 +145,61 @@ def up() -> int:
             "METER_HOME": str(settings.data_dir.parent),
         }
         bin_dir = Path(sys.executable).parent
-        gateway = platform._spawn("gateway", [
-            str(bin_dir / "uvicorn"), "--factory", "ingest_gateway.app:create_app",
-            "--host", settings.gateway_host, "--port", str(settings.gateway_port),
-            "--no-access-log", "--log-level", "warning",
-            "--workers", os.environ.get("METER_GATEWAY_WORKERS", "1"),
-        ], env)
-        workspace = str((dagster_home().parent / "workspace.yaml"))
-        platform._spawn("dagster-webserver", [
-            str(bin_dir / "dagster-webserver"), "-h", settings.gateway_host, "-p", str(settings.dagster_port),
-            "-w", workspace,
-        ], env)
+        gateway = platform._spawn(
+            "gateway",
+            [
+                str(bin_dir / "uvicorn"),
+                "--factory",
+                "ingest_gateway.app:create_app",
+                "--host",
+                settings.gateway_host,
+                "--port",
+                str(settings.gateway_port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+                "--workers",
+                os.environ.get("METER_GATEWAY_WORKERS", "1"),
+            ],
+            env,
+        )
+        workspace = str(dagster_home().parent / "workspace.yaml")
+        platform._spawn(
+            "dagster-webserver",
+            [
+                str(bin_dir / "dagster-webserver"),
+                "-h",
+                settings.gateway_host,
+                "-p",
+                str(settings.dagster_port),
+                "-w",
+                workspace,
+            ],
+            env,
+        )
         platform._spawn("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace], env)
         wait_for_port(settings.gateway_host, settings.gateway_port, gateway.process, "gateway", gateway.log)
         gateway_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
         dagster_url = f"http://{settings.gateway_host}:{settings.dagster_port}"
-        (settings.data_dir / RUNTIME_FILE).write_text(json.dumps({
-            "gateway_url": gateway_url, "dagster_url": dagster_url, "nats_url": nats_url,
-            "database_url": database_url, "pid": os.getpid(),
-        }, indent=2))
+        (settings.data_dir / RUNTIME_FILE).write_text(
+            json.dumps(
+                {
+                    "gateway_url": gateway_url,
+                    "dagster_url": dagster_url,
+                    "nats_url": nats_url,
+                    "database_url": database_url,
+                    "pid": os.getpid(),
+                },
+                indent=2,
+            )
+        )
         _say(f"gateway     {gateway_url}   (POST /v1/events, GET /v1/ingest/status)")
         _say(f"Dagster UI  {dagster_url}   (starting; the sensor launches runs as events arrive)")
         _say(f"NATS        {nats_url}")
         _say(f"PostgreSQL  {database_url}")
-        _say(f"logs in {settings.data_dir / 'logs'}; try `meter demo --events 100000`; Ctrl-C stops everything")
+        _say(
+            f"logs in {settings.data_dir / 'logs'}; try `meter demo --events 100000`; Ctrl-C stops everything"
+        )
         while True:
             for server in platform.servers:
                 if server.process.poll() is not None:

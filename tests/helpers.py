@@ -15,15 +15,26 @@ from meter_platform.pipeline import BatchCounts, DrainSettings, drain
 FAST_DRAIN = DrainSettings(batch_size=200, fetch_timeout=0.3, max_seconds=30, idle_seconds=0.6)
 
 
-def api_call(event_id: str | None, customer: str = "c1", *, ts: str | None = "2025-07-24T10:30:45.123456Z",
-             endpoint: str = "/v1/users", method: str = "GET", region: str = "us-east-1",
-             bytes_transferred: Any = 2048) -> dict[str, Any]:
+def api_call(
+    event_id: str | None,
+    customer: str = "c1",
+    *,
+    ts: str | None = "2025-07-24T10:30:45.123456Z",
+    endpoint: str = "/v1/users",
+    method: str = "GET",
+    region: str = "us-east-1",
+    bytes_transferred: Any = 2048,
+) -> dict[str, Any]:
     """An api_call event as the contract shows it."""
     event: dict[str, Any] = {
         "event_type": "api_call",
         "customer_id": customer,
-        "properties": {"endpoint": endpoint, "method": method, "region": region,
-                       "bytes_transferred": bytes_transferred},
+        "properties": {
+            "endpoint": endpoint,
+            "method": method,
+            "region": region,
+            "bytes_transferred": bytes_transferred,
+        },
     }
     if event_id is not None:
         event["id"] = event_id

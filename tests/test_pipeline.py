@@ -16,24 +16,46 @@ pytestmark = pytest.mark.usefixtures("clean")
 
 def totals(database_url: str) -> tuple[int, int, int, int]:
     """(events, stored, duplicates, quarantined) over the whole ledger."""
-    row = query(database_url, "SELECT coalesce(sum(events),0), coalesce(sum(stored),0), "
-                "coalesce(sum(duplicates),0), coalesce(sum(quarantined),0) FROM ingest_messages")[0]
+    row = query(
+        database_url,
+        "SELECT coalesce(sum(events),0), coalesce(sum(stored),0), "
+        "coalesce(sum(duplicates),0), coalesce(sum(quarantined),0) FROM ingest_messages",
+    )[0]
     return tuple(int(v) for v in row)  # type: ignore[return-value]
 
 
 def api_calls_count(database_url: str) -> int:
-    return int(scalar(database_url, "SELECT coalesce(sum(event_count), 0) FROM usage_minute_aggregates"
-                      " WHERE meter_slug = 'api_calls'"))
+    return int(
+        scalar(
+            database_url,
+            "SELECT coalesce(sum(event_count), 0) FROM usage_minute_aggregates"
+            " WHERE meter_slug = 'api_calls'",
+        )
+    )
 
 
 def test_direct_publish_is_stored_and_aggregated(nats_server, database_url, catalog):
     publish(nats_server.url, api_call("a1", bytes_transferred=100))
-    publish(nats_server.url, [api_call("a2", bytes_transferred=50, region="eu-west-1"),
-                              api_call("a3", customer="c2", bytes_transferred=7)])
+    publish(
+        nats_server.url,
+        [
+            api_call("a2", bytes_transferred=50, region="eu-west-1"),
+            api_call("a3", customer="c2", bytes_transferred=7),
+        ],
+    )
     counts = run_drain(nats_server.url, database_url, catalog)
-    assert (counts.messages, counts.events, counts.stored, counts.duplicates, counts.quarantined) == (2, 3, 3, 0, 0)
-    rows = query(database_url, "SELECT customer_id, dims, event_count, value_sum FROM usage_minute_aggregates"
-                 " WHERE meter_slug = 'bytes_transferred' ORDER BY customer_id, dims->>'region'")
+    assert (counts.messages, counts.events, counts.stored, counts.duplicates, counts.quarantined) == (
+        2,
+        3,
+        3,
+        0,
+        0,
+    )
+    rows = query(
+        database_url,
+        "SELECT customer_id, dims, event_count, value_sum FROM usage_minute_aggregates"
+        " WHERE meter_slug = 'bytes_transferred' ORDER BY customer_id, dims->>'region'",
+    )
     assert rows == [
         ("c1", {"region": "eu-west-1"}, 1, Decimal(50)),
         ("c1", {"region": "us-east-1"}, 1, Decimal(100)),
@@ -108,8 +130,10 @@ def test_crash_between_commit_and_ack_redelivers_without_doubling(nats_server, d
     counts = run_drain(nats_server.url, database_url, catalog)
     assert counts.redelivered == 2 and counts.stored == 0 and counts.events == 0
     assert api_calls_count(database_url) == 3
-    assert scalar(database_url, "SELECT sum(value_sum) FROM usage_minute_aggregates"
-                  " WHERE meter_slug = 'bytes_transferred'") == Decimal(2048 * 2 + 10)
+    assert scalar(
+        database_url,
+        "SELECT sum(value_sum) FROM usage_minute_aggregates WHERE meter_slug = 'bytes_transferred'",
+    ) == Decimal(2048 * 2 + 10)
     assert totals(database_url) == (3, 3, 0, 0)
     state = backlog(nats_server.url)
     assert state.ack_floor == 2 and state.messages == 0
@@ -126,8 +150,10 @@ def test_crash_before_commit_loses_nothing(nats_server, database_url, catalog, m
         # Let the inserts run, then fail before COMMIT: the transaction must roll back whole.
         conn = self._connection()
         with conn.transaction():
-            conn.execute("INSERT INTO usage_events (id, event_type, customer_id, ts, received_at, stream_seq)"
-                         " VALUES ('p1', 'api_call', 'c1', now(), now(), 1)")
+            conn.execute(
+                "INSERT INTO usage_events (id, event_type, customer_id, ts, received_at, stream_seq)"
+                " VALUES ('p1', 'api_call', 'c1', now(), now(), 1)"
+            )
             raise RuntimeError("killed before commit")
 
     monkeypatch.setattr(pipeline.MicroBatchWriter, "_commit", fail_inside_transaction)
@@ -154,27 +180,40 @@ def test_nats_restart_with_pending_messages_loses_nothing(nats_server, database_
 
 
 def test_invalid_events_are_quarantined_with_reasons(nats_server, database_url, catalog):
-    publish(nats_server.url, [
-        api_call("ok"),
-        api_call("bad-method", method="FETCH"),
-        api_call("bad-bytes", bytes_transferred="lots"),
-        api_call("neg-bytes", bytes_transferred=-1),
-        {"id": "no-customer", "event_type": "api_call", "properties": {"endpoint": "/x"}},
-        {"id": "unknown", "event_type": "teleport", "customer_id": "c1"},
-        {"id": "no-endpoint", "event_type": "api_call", "customer_id": "c1", "properties": {}},
-    ])
+    publish(
+        nats_server.url,
+        [
+            api_call("ok"),
+            api_call("bad-method", method="FETCH"),
+            api_call("bad-bytes", bytes_transferred="lots"),
+            api_call("neg-bytes", bytes_transferred=-1),
+            {"id": "no-customer", "event_type": "api_call", "properties": {"endpoint": "/x"}},
+            {"id": "unknown", "event_type": "teleport", "customer_id": "c1"},
+            {"id": "no-endpoint", "event_type": "api_call", "customer_id": "c1", "properties": {}},
+        ],
+    )
     publish(nats_server.url, b"this is not json")
     counts = run_drain(nats_server.url, database_url, catalog)
     assert (counts.events, counts.stored, counts.quarantined) == (8, 1, 7)
     reasons = dict(query(database_url, "SELECT coalesce(event_id, '(raw)'), reasons FROM quarantined_events"))
-    assert reasons["bad-method"] == [{"field": "properties.method", "reason": "enum",
-                                      "message": "must be one of GET, POST, PUT, PATCH, DELETE"}]
+    assert reasons["bad-method"] == [
+        {
+            "field": "properties.method",
+            "reason": "enum",
+            "message": "must be one of GET, POST, PUT, PATCH, DELETE",
+        }
+    ]
     assert reasons["bad-bytes"][0]["reason"] == "type"
     assert reasons["neg-bytes"][0]["reason"] == "min"
-    assert reasons["no-customer"][0] == {"field": "customer_id", "reason": "invalid_envelope",
-                                         "message": reasons["no-customer"][0]["message"]}
+    assert reasons["no-customer"][0] == {
+        "field": "customer_id",
+        "reason": "invalid_envelope",
+        "message": reasons["no-customer"][0]["message"],
+    }
     assert reasons["unknown"][0]["reason"] == "unknown_event_type"
-    assert reasons["no-endpoint"] == [{"field": "properties.endpoint", "reason": "required", "message": "is required"}]
+    assert reasons["no-endpoint"] == [
+        {"field": "properties.endpoint", "reason": "required", "message": "is required"}
+    ]
     assert reasons["(raw)"][0]["reason"] == "not_json"
     assert api_calls_count(database_url) == 1
     # A resend of a quarantined event is a duplicate, not a second quarantine row.
@@ -187,8 +226,10 @@ def test_ledger_balances_per_message(nats_server, database_url, catalog):
     publish(nats_server.url, [api_call("l1"), api_call("l1"), api_call("l2", method="NOPE")])
     publish(nats_server.url, api_call("l1"))
     run_drain(nats_server.url, database_url, catalog)
-    rows = query(database_url, "SELECT stream_seq, events, stored, duplicates, quarantined FROM ingest_messages"
-                 " ORDER BY 1")
+    rows = query(
+        database_url,
+        "SELECT stream_seq, events, stored, duplicates, quarantined FROM ingest_messages ORDER BY 1",
+    )
     assert rows == [(1, 3, 1, 1, 1), (2, 1, 0, 1, 0)]
     info = asyncio.run(_consumer_ack_floor(nats_server.url))
     assert info == 2

@@ -1,7 +1,6 @@
 """Resources: one per outside system, configured from the environment (``EnvVar``), so the same
 assets and sensors run against the embedded servers, a production cluster or a test server."""
 
-
 import asyncio
 from pathlib import Path
 

@@ -1,9 +1,9 @@
 """The ingestion assets: one run drains JetStream into raw events, quarantine and per-minute
 aggregates (see ``meter_platform.pipeline`` for the ordering that makes it exactly-once)."""
 
-
 import asyncio
 import time
+from typing import Any
 
 from dagster import (
     AssetCheckResult,
@@ -41,23 +41,46 @@ class DrainConfig(Config):
 
 @multi_asset(
     specs=[
-        AssetSpec("usage_events", deps=[JETSTREAM_EVENTS], group_name="ingestion", kinds={"postgres"},
-                  description="Raw usage events, one row per event id (deduplicated), as validated."),
-        AssetSpec("quarantined_events", deps=[JETSTREAM_EVENTS], group_name="ingestion", kinds={"postgres"},
-                  description="Events that failed validation, with their reasons; never dropped."),
-        AssetSpec("usage_minute_aggregates", deps=["usage_events"], group_name="ingestion", kinds={"postgres"},
-                  description="Per meter, customer, dimensions and minute: count, sum, min, max of newly "
-                  "stored events."),
+        AssetSpec(
+            "usage_events",
+            deps=[JETSTREAM_EVENTS],
+            group_name="ingestion",
+            kinds={"postgres"},
+            description="Raw usage events, one row per event id (deduplicated), as validated.",
+        ),
+        AssetSpec(
+            "quarantined_events",
+            deps=[JETSTREAM_EVENTS],
+            group_name="ingestion",
+            kinds={"postgres"},
+            description="Events that failed validation, with their reasons; never dropped.",
+        ),
+        AssetSpec(
+            "usage_minute_aggregates",
+            deps=["usage_events"],
+            group_name="ingestion",
+            kinds={"postgres"},
+            description="Per meter, customer, dimensions and minute: count, sum, min, max of newly "
+            "stored events.",
+        ),
     ],
     check_specs=[
-        AssetCheckSpec("ingest_ledger_balances", asset="usage_events",
-                       description="Every event this run took from JetStream is stored, a duplicate or "
-                       "quarantined, and the ledger holds every message it committed."),
+        AssetCheckSpec(
+            "ingest_ledger_balances",
+            asset="usage_events",
+            description="Every event this run took from JetStream is stored, a duplicate or "
+            "quarantined, and the ledger holds every message it committed.",
+        ),
     ],
     can_subset=False,
 )
-def ingest_microbatches(context: AssetExecutionContext, config: DrainConfig, nats: NatsResource,
-                        postgres: PostgresResource, catalog: CatalogResource):
+def ingest_microbatches(
+    context: AssetExecutionContext,
+    config: DrainConfig,
+    nats: NatsResource,
+    postgres: PostgresResource,
+    catalog: CatalogResource,
+):
     """Drain the durable consumer in micro-batches until idle or out of time."""
     last_log = [time.monotonic()]
     seen = BatchCounts()
@@ -71,37 +94,56 @@ def ingest_microbatches(context: AssetExecutionContext, config: DrainConfig, nat
                 f"{seen.duplicates} duplicates, {seen.quarantined} quarantined"
             )
 
-    settings = DrainSettings(batch_size=config.batch_size, max_seconds=config.max_seconds,
-                             idle_seconds=config.idle_seconds)
-    total = asyncio.run(drain(nats.url, postgres.url, catalog.load(), settings, run_id=context.run_id,
-                              on_batch=progress))
+    settings = DrainSettings(
+        batch_size=config.batch_size, max_seconds=config.max_seconds, idle_seconds=config.idle_seconds
+    )
+    total = asyncio.run(
+        drain(nats.url, postgres.url, catalog.load(), settings, run_id=context.run.run_id, on_batch=progress)
+    )
     context.log.info(
         f"drained {total.messages} messages ({total.events} events) in {total.batches} batches: "
         f"{total.stored} stored, {total.duplicates} duplicates, {total.quarantined} quarantined, "
         f"{total.redelivered} redelivered messages skipped"
     )
     with db.connect(postgres.url) as conn:
-        ledger_messages = conn.execute(
+        row = conn.execute(
             "SELECT count(*) FROM ingest_messages m JOIN ingest_batches b USING (batch_id) WHERE b.run_id = %s",
-            (context.run_id,),
-        ).fetchone()[0]
+            (context.run.run_id,),
+        ).fetchone()
+        ledger_messages = row[0] if row else 0
     seq_range = f"{total.first_seq}-{total.last_seq}" if total.first_seq is not None else "none"
-    common = {"stream_seq_range": seq_range, "batches": total.batches, "messages": total.messages}
+    common: dict[str, Any] = {
+        "stream_seq_range": seq_range,
+        "batches": total.batches,
+        "messages": total.messages,
+    }
     yield MaterializeResult(
         asset_key=AssetKey("usage_events"),
-        metadata={**common, "events": total.events, "stored": total.stored, "duplicates": total.duplicates,
-                  "redelivered_messages": total.redelivered},
+        metadata={
+            **common,
+            "events": total.events,
+            "stored": total.stored,
+            "duplicates": total.duplicates,
+            "redelivered_messages": total.redelivered,
+        },
         check_results=[
             AssetCheckResult(
                 check_name="ingest_ledger_balances",
                 passed=total.balanced and ledger_messages == total.messages,
                 severity=AssetCheckSeverity.ERROR,
-                metadata={"events": total.events, "accounted": total.stored + total.duplicates + total.quarantined,
-                          "messages": total.messages, "ledger_messages": ledger_messages},
+                metadata={
+                    "events": total.events,
+                    "accounted": total.stored + total.duplicates + total.quarantined,
+                    "messages": total.messages,
+                    "ledger_messages": ledger_messages,
+                },
             )
         ],
     )
-    yield MaterializeResult(asset_key=AssetKey("quarantined_events"),
-                            metadata={**common, "quarantined": total.quarantined})
-    yield MaterializeResult(asset_key=AssetKey("usage_minute_aggregates"),
-                            metadata={**common, "events_aggregated": MetadataValue.int(total.stored)})
+    yield MaterializeResult(
+        asset_key=AssetKey("quarantined_events"), metadata={**common, "quarantined": total.quarantined}
+    )
+    yield MaterializeResult(
+        asset_key=AssetKey("usage_minute_aggregates"),
+        metadata={**common, "events_aggregated": MetadataValue.int(total.stored)},
+    )

@@ -1,6 +1,5 @@
 """The sensor that keeps the stream drained: a run whenever events wait and too few runs drain them."""
 
-
 import os
 
 from dagster import (
@@ -34,7 +33,9 @@ def jetstream_backlog_sensor(context: SensorEvaluationContext, nats: NatsResourc
     """Look at the durable consumer's backlog and the runs already draining it."""
     backlog = nats.backlog()
     waiting = backlog.pending + backlog.ack_pending
-    active = context.instance.get_runs_count(RunsFilter(job_name=ingest_microbatch_job.name, statuses=_ACTIVE))
+    active = context.instance.get_runs_count(
+        RunsFilter(job_name=ingest_microbatch_job.name, statuses=_ACTIVE)
+    )
     context.update_cursor(str(backlog.last_seq))
     if waiting == 0:
         return SkipReason(f"no events waiting (stream at seq {backlog.last_seq})")
