@@ -44,6 +44,7 @@ from meter_platform.events import (
     datetime_to_us,
     decode_any,
     decode_batch,
+    format_timestamp,
     now_us,
     parse_timestamp,
     us_to_datetime,
@@ -104,7 +105,9 @@ class _Rows:
     ids: list[str] = field(default_factory=list)
     event_types: list[str] = field(default_factory=list)
     customer_ids: list[str] = field(default_factory=list)
-    timestamps: list[datetime] = field(default_factory=list)
+    # The gateway's timestamps arrive normalized (UTC, microseconds) and go to PostgreSQL as text;
+    # those of directly published events are parsed here, to check them.
+    timestamps: list[datetime | str] = field(default_factory=list)
     received: list[datetime] = field(default_factory=list)
     properties: list[dict[str, Any]] = field(default_factory=list)
     metadata: list[dict[str, Any]] = field(default_factory=list)
@@ -116,7 +119,7 @@ class _Quarantine:
     event_id: str | None
     event_type: str | None
     customer_id: str | None
-    ts: datetime | None
+    ts: datetime | str | None
     received: datetime
     payload: Any
     payload_text: str | None
@@ -137,7 +140,7 @@ def _decode_message(
             rows.ids.append(ev.id)
             rows.event_types.append(ev.event_type)
             rows.customer_ids.append(ev.customer_id)
-            rows.timestamps.append(parse_timestamp(ev.timestamp))
+            rows.timestamps.append(ev.timestamp)
             rows.received.append(received)
             rows.properties.append(ev.properties)
             rows.metadata.append(ev.metadata)
@@ -230,6 +233,10 @@ def _decode_message(
         rows.metadata.append(event.metadata)
         rows.seqs.append(msg.seq)
     per_msg_events[msg.seq] = len(items)
+
+
+def _iso(ts: datetime | str) -> str:
+    return ts if isinstance(ts, str) else format_timestamp(ts)
 
 
 def _take(rows: _Rows, keep: list[int]) -> _Rows:
@@ -333,7 +340,6 @@ class MicroBatchWriter:
                 spec,
                 [rows.ids[i] for i in idx],
                 [rows.customer_ids[i] for i in idx],
-                [rows.timestamps[i] for i in idx],
                 [rows.properties[i] for i in idx],
             )
             for local, failures in result.items():
@@ -350,7 +356,7 @@ class MicroBatchWriter:
                         "id": rows.ids[i],
                         "event_type": rows.event_types[i],
                         "customer_id": rows.customer_ids[i],
-                        "timestamp": rows.timestamps[i].isoformat(),
+                        "timestamp": _iso(rows.timestamps[i]),
                         "properties": rows.properties[i],
                         "metadata": rows.metadata[i],
                     },

@@ -224,20 +224,15 @@ def start_postgres(
     if ids:
         os.chown(log, ids["user"], ids["group"])
     # SIGINT is PostgreSQL's "fast shutdown": roll back open transactions, checkpoint, exit.
+    settings = {
+        "max_connections": "200",
+        # Room for bulk micro-batches without a checkpoint every few seconds; fsync stays on.
+        "shared_buffers": "256MB",
+        "max_wal_size": "2GB",
+    }
+    options = [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]
     proc = _spawn(
-        [
-            str(bin_dir / "postgres"),
-            "-D",
-            str(data_dir),
-            "-h",
-            host,
-            "-p",
-            str(port),
-            "-k",
-            "",
-            "-c",
-            "max_connections=200",
-        ],
+        [str(bin_dir / "postgres"), "-D", str(data_dir), "-h", host, "-p", str(port), "-k", "", *options],
         log,
         signal.SIGINT,
         **ids,
