@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import functools
 import itertools
 import json
 import math
@@ -37,7 +38,7 @@ import msgspec
 from tqdm import tqdm
 
 from meter_platform.catalog import Catalog, Meter
-from meter_platform.events import format_timestamp
+from meter_platform.events import datetime_to_us, format_timestamp
 
 #: Requests in flight at once: enough to keep the gateway's JetStream publishes (each an fsync) busy.
 CONCURRENCY = 8
@@ -50,6 +51,7 @@ CUSTOMERS = 40
 ZIPF_EXPONENT = 1.1
 #: Event timestamps are "now" minus up to this much, as if clients buffered them briefly.
 MAX_JITTER = timedelta(seconds=5)
+_JITTER_US = MAX_JITTER // timedelta(microseconds=1)
 #: How long to wait for the pipeline to count the run's events before giving up.
 WAIT_TIMEOUT = 300.0
 #: Usage queries cover the run with this margin on each side (timestamps carry jitter; clocks drift).
@@ -78,19 +80,7 @@ COMPANIES = (
     "soylent", "aperture", "vandelay", "pied-piper", "massive-dynamic", "oscorp", "gringotts", "monarch",
     "dunder", "bluth",
 )  # fmt: skip
-#: (endpoint, share of calls, method weights): what a typical REST API's traffic looks like.
-ENDPOINTS = (
-    ("/v1/users", 30, {"GET": 70, "POST": 15, "PATCH": 10, "DELETE": 5}),
-    ("/v1/search", 25, {"GET": 100}),
-    ("/v1/orders", 20, {"GET": 50, "POST": 40, "PUT": 10}),
-    ("/v1/payments", 10, {"POST": 80, "GET": 20}),
-    ("/v1/files", 10, {"GET": 40, "PUT": 50, "DELETE": 10}),
-    ("/v1/webhooks", 5, {"POST": 100}),
-)
 BUCKET_PURPOSES = ("assets", "backups", "logs", "media", "ml-datasets", "exports")
-STORAGE_CLASSES = {"standard": 60, "infrequent": 25, "archive": 15}
-CHANNELS = {"sms": 35, "email": 35, "push": 20, "whatsapp": 10}
-QUERY_TYPES = {"sql": 40, "dashboard": 35, "report": 15, "export": 10}
 #: The product mix of an average customer; each customer varies it (and skips some products).
 EVENT_TYPE_MIX = {
     "api_call": 50,
@@ -112,6 +102,46 @@ class Weighted:
     def pick(self, rng: random.Random) -> Any:
         """One option, chosen with probability proportional to its weight."""
         return self.options[bisect.bisect(self.cumulative, rng.random() * self.cumulative[-1])]
+
+
+# What a typical REST API's traffic looks like: the share of each endpoint, and its methods.
+ENDPOINTS = Weighted(
+    {
+        "/v1/users": 30,
+        "/v1/search": 25,
+        "/v1/orders": 20,
+        "/v1/payments": 10,
+        "/v1/files": 10,
+        "/v1/webhooks": 5,
+    }
+)
+METHODS = {
+    "/v1/users": Weighted({"GET": 70, "POST": 15, "PATCH": 10, "DELETE": 5}),
+    "/v1/search": Weighted({"GET": 100}),
+    "/v1/orders": Weighted({"GET": 50, "POST": 40, "PUT": 10}),
+    "/v1/payments": Weighted({"POST": 80, "GET": 20}),
+    "/v1/files": Weighted({"GET": 40, "PUT": 50, "DELETE": 10}),
+    "/v1/webhooks": Weighted({"POST": 100}),
+}
+STORAGE_CLASSES = Weighted({"standard": 60, "infrequent": 25, "archive": 15})
+CHANNELS = Weighted({"sms": 35, "email": 35, "push": 20, "whatsapp": 10})
+# Long SMS are split into 153-character segments; most fit in one.
+SMS_SEGMENTS = Weighted({1: 70, 2: 18, 3: 6, 4: 3, 6: 2, 10: 1})
+QUERY_TYPES = Weighted({"sql": 40, "dashboard": 35, "report": 15, "export": 10})
+
+
+@functools.lru_cache(maxsize=64)
+def _whole_second(epoch_second: int) -> str:
+    return datetime.fromtimestamp(epoch_second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def rfc3339(epoch_us: int) -> str:
+    """Microseconds since the epoch as RFC 3339 UTC with six fractional digits and ``Z``.
+
+    The same text as :func:`meter_platform.events.format_timestamp`, without a strftime per event.
+    """
+    second, micro = divmod(epoch_us, 1_000_000)
+    return f"{_whole_second(second)}.{micro:06d}Z"
 
 
 def _exact(value: float, places: int) -> Decimal:
@@ -136,8 +166,8 @@ class Customer:
     customer_id: str
     company: str
     region: str
-    countries: tuple[str, ...]
-    mix: dict[str, float]
+    countries: Weighted
+    mix: Weighted
     buckets: tuple[Bucket, ...]
     user_agent: str
     ip_addresses: tuple[str, ...]
@@ -162,7 +192,8 @@ class TrafficGenerator:
         rng = random.Random(f"{self.seed}:customer:{k}")
         company = COMPANIES[(k - 1) % len(COMPANIES)] + ("" if k <= len(COMPANIES) else f"-{k}")
         region = rng.choice(REGIONS)
-        countries = tuple(rng.sample(COUNTRIES, rng.randint(1, 3)))
+        # The first country is the customer's home market; the others see less traffic.
+        countries = Weighted(dict(zip(rng.sample(COUNTRIES, rng.randint(1, 3)), (6, 1, 1), strict=False)))
         mix = {}
         for event_type, weight in EVENT_TYPE_MIX.items():
             # Everyone calls the API; about a quarter of the customers skip each other product.
@@ -171,7 +202,7 @@ class TrafficGenerator:
         buckets = tuple(
             Bucket(
                 name=f"{company}-{purpose}",
-                storage_class=_pick(rng, STORAGE_CLASSES),
+                storage_class=STORAGE_CLASSES.pick(rng),
                 region=region if rng.random() < 0.8 else rng.choice(REGIONS),
                 size_gb=rng.lognormvariate(5, 1.5),
             )
@@ -184,7 +215,7 @@ class TrafficGenerator:
             company=company,
             region=region,
             countries=countries,
-            mix=mix,
+            mix=Weighted(mix),
             buckets=buckets,
             user_agent=f"{company}-app/{version}",
             ip_addresses=ips,
@@ -199,16 +230,16 @@ class TrafficGenerator:
         """``count`` new events numbered from ``first``, stamped a few seconds before ``now``."""
         rng = random.Random(f"{self.seed}:events:{first}")
         customers = rng.choices(self.customers, self.weights, k=count)
-        return [self._event(rng, first + i, customer, now) for i, customer in enumerate(customers)]
+        now_us = datetime_to_us(now)
+        return [self._event(rng, first + i, customer, now_us) for i, customer in enumerate(customers)]
 
-    def _event(self, rng: random.Random, n: int, customer: Customer, now: datetime) -> dict[str, Any]:
-        event_type = _pick(rng, customer.mix)
-        jitter = timedelta(microseconds=rng.randrange(int(MAX_JITTER / timedelta(microseconds=1))))
+    def _event(self, rng: random.Random, n: int, customer: Customer, now_us: int) -> dict[str, Any]:
+        event_type = customer.mix.pick(rng)
         return {
             "id": f"demo-{self.token}-{n}",
             "event_type": event_type,
             "customer_id": customer.customer_id,
-            "timestamp": format_timestamp(now - jitter),
+            "timestamp": rfc3339(now_us - rng.randrange(_JITTER_US)),
             "properties": _PROPERTIES[event_type](rng, customer),
             "metadata": {
                 "user_agent": customer.user_agent,
@@ -222,14 +253,9 @@ def _region(rng: random.Random, customer: Customer) -> str:
     return customer.region if rng.random() < 0.85 else rng.choice(REGIONS)
 
 
-def _country(rng: random.Random, customer: Customer) -> str:
-    # The first country is the customer's home market; the others see less traffic.
-    return rng.choices(customer.countries, [6] + [1] * (len(customer.countries) - 1))[0]
-
-
 def _api_call(rng: random.Random, customer: Customer) -> dict[str, Any]:
-    endpoint, _, methods = rng.choices(ENDPOINTS, [share for _, share, _ in ENDPOINTS])[0]
-    method = _pick(rng, methods)
+    endpoint = ENDPOINTS.pick(rng)
+    method = METHODS[endpoint].pick(rng)
     big = endpoint == "/v1/files" and method in ("GET", "PUT")
     return {
         "endpoint": endpoint,
@@ -254,22 +280,21 @@ def _storage_usage(rng: random.Random, customer: Customer) -> dict[str, Any]:
 
 
 def _message_sent(rng: random.Random, customer: Customer) -> dict[str, Any]:
-    channel = _pick(rng, CHANNELS)
-    # Long SMS are split into 153-character segments; the other channels send one message each.
-    segments = rng.choices((1, 2, 3, 4, 6, 10), (70, 18, 6, 3, 2, 1))[0] if channel == "sms" else 1
-    return {"channel": channel, "country": _country(rng, customer), "segments": segments}
+    channel = CHANNELS.pick(rng)
+    segments = SMS_SEGMENTS.pick(rng) if channel == "sms" else 1
+    return {"channel": channel, "country": customer.countries.pick(rng), "segments": segments}
 
 
 def _call_completed(rng: random.Random, customer: Customer) -> dict[str, Any]:
     return {
         "direction": "outbound" if rng.random() < 0.55 else "inbound",
         "duration_minutes": _exact(rng.expovariate(1 / 3.2), 2),
-        "country": _country(rng, customer),
+        "country": customer.countries.pick(rng),
     }
 
 
 def _analytics_query(rng: random.Random, customer: Customer) -> dict[str, Any]:
-    query_type = _pick(rng, QUERY_TYPES)
+    query_type = QUERY_TYPES.pick(rng)
     cached = rng.random() < (0.5 if query_type == "dashboard" else 0.15)
     if cached:  # served from the result cache: nothing scanned, answered in milliseconds
         rows, duration = 0, rng.uniform(2, 40)
@@ -518,7 +543,8 @@ async def send_traffic(
     Raises DemoError (after cancelling the requests in flight) when a request is refused.
     """
     stats = SendStats()
-    bucket = TokenBucket(rate, max(rate, max(s.count for s in traffic.plan))) if rate else None
+    # A burst of one request at most: the rate holds from the first second on.
+    bucket = TokenBucket(rate, max(s.count for s in traffic.plan)) if rate else None
     done = {spec.index: asyncio.Event() for spec in traffic.plan}
     specs = iter(traffic.plan)
 

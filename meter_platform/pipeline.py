@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -36,7 +37,7 @@ import psycopg
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from meter_platform import db
-from meter_platform.catalog import Catalog, Meter
+from meter_platform.catalog import Catalog
 from meter_platform.config import BATCH_HEADER, CONSUMER_NAME, STREAM_NAME
 from meter_platform.events import (
     MAX_FUTURE_SKEW,
@@ -50,9 +51,15 @@ from meter_platform.events import (
     us_to_datetime,
 )
 from meter_platform.jetstream import connect, ensure_stream_and_consumer
+from meter_platform.meters import active_meters, aggregate_upsert_sql
 from meter_platform.validation import Failure, validate_event_type
 
 log = logging.getLogger(__name__)
+
+
+def default_max_lateness() -> timedelta:
+    """How late an event may arrive and still be counted (``METER_MAX_LATENESS_DAYS``, default 35)."""
+    return timedelta(days=float(os.environ.get("METER_MAX_LATENESS_DAYS", "35")))
 _json = msgspec.json.Encoder()
 
 
@@ -247,50 +254,6 @@ def _take(rows: _Rows, keep: list[int]) -> _Rows:
     return out
 
 
-def _path(dotted: str) -> list[str]:
-    return dotted.split(".")
-
-
-def _aggregate_sql(meter: Meter) -> tuple[str, dict[str, Any]]:
-    """The upsert that adds this meter's newly stored events to its per-minute aggregates."""
-    params: dict[str, Any] = {"slug": meter.slug, "event_type": meter.event_type}
-    dims = []
-    for i, dim in enumerate(meter.group_by):
-        params[f"dk{i}"] = dim
-        params[f"dp{i}"] = _path(dim)
-        dims.append(f"%(dk{i})s::text, properties #>> %(dp{i})s")
-    dims_sql = f"jsonb_build_object({', '.join(dims)})" if dims else "'{}'::jsonb"
-    if meter.value_property:
-        params["vp"] = _path(meter.value_property)
-        value_sql = "CASE WHEN jsonb_typeof(properties #> %(vp)s) = 'number' THEN (properties #>> %(vp)s)::numeric END"
-    else:
-        value_sql = "NULL::numeric"
-    where = ["event_type = %(event_type)s"]
-    for i, (key, values) in enumerate(sorted(meter.filter.items())):
-        params[f"fp{i}"] = _path(key)
-        params[f"fv{i}"] = [_json.encode(v).decode() if not isinstance(v, str) else v for v in values]
-        where.append(f"properties #>> %(fp{i})s = ANY(%(fv{i})s::text[])")
-    sql = f"""
-        INSERT INTO usage_minute_aggregates AS a
-            (meter_slug, minute, customer_id, dims, event_count, value_count, value_sum, value_min, value_max)
-        SELECT %(slug)s, date_trunc('minute', ts), customer_id, dims,
-               count(*), count(v), sum(v), min(v), max(v)
-        FROM (SELECT ts, customer_id, {dims_sql} AS dims, {value_sql} AS v
-              FROM new_events WHERE {" AND ".join(where)}) e
-        GROUP BY 2, 3, 4
-        ORDER BY 2, 3, 4
-        ON CONFLICT (meter_slug, minute, customer_id, dims) DO UPDATE SET
-            event_count = a.event_count + EXCLUDED.event_count,
-            value_count = a.value_count + EXCLUDED.value_count,
-            value_sum = CASE WHEN a.value_sum IS NULL AND EXCLUDED.value_sum IS NULL THEN NULL
-                             ELSE coalesce(a.value_sum, 0) + coalesce(EXCLUDED.value_sum, 0) END,
-            value_min = least(a.value_min, EXCLUDED.value_min),
-            value_max = greatest(a.value_max, EXCLUDED.value_max),
-            updated_at = now()
-    """
-    return sql, params
-
-
 def _one(cur: psycopg.Cursor) -> Any:
     """The single value of a one-row answer."""
     row = cur.fetchone()
@@ -301,11 +264,27 @@ def _one(cur: psycopg.Cursor) -> Any:
 class MicroBatchWriter:
     """Validates and writes micro-batches for one catalog into one database (steps 2-4 above)."""
 
-    def __init__(self, catalog: Catalog, database_url: str):
+    def __init__(self, catalog: Catalog, database_url: str, max_lateness: timedelta | None = None):
         self.catalog = catalog
         self.database_url = database_url
-        self._aggregates = {m.slug: _aggregate_sql(m) for m in catalog.meters}
+        self.max_lateness = max_lateness if max_lateness is not None else default_max_lateness()
         self._conn: psycopg.Connection | None = None
+
+    def _too_late(self, rows: _Rows) -> dict[int, list[Failure]]:
+        """Events older than the allowed lateness when received: quarantined as ``too_late``."""
+        cutoffs: dict[datetime, tuple[datetime, str]] = {}
+        late: dict[int, list[Failure]] = {}
+        message = f"is more than {self.max_lateness.days} days before the event was received"
+        for i, ts in enumerate(rows.timestamps):
+            received = rows.received[i]
+            if received not in cutoffs:
+                cutoff = received - self.max_lateness
+                cutoffs[received] = (cutoff, format_timestamp(cutoff))
+            cutoff, cutoff_text = cutoffs[received]
+            # Normalized timestamps compare as text (same format, UTC).
+            if (ts < cutoff_text) if isinstance(ts, str) else (ts < cutoff):
+                late[i] = [Failure("timestamp", "too_late", message)]
+        return late
 
     def close(self) -> None:
         """Close the database connection."""
@@ -323,7 +302,7 @@ class MicroBatchWriter:
         by_type: dict[str, list[int]] = defaultdict(list)
         for i, et in enumerate(rows.event_types):
             by_type[et].append(i)
-        failed: dict[int, list[Failure]] = {}
+        failed = self._too_late(rows)
         for et, idx in by_type.items():
             spec = self.catalog.event_types.get(et)
             if spec is None:
@@ -334,7 +313,7 @@ class MicroBatchWriter:
                         f"event type {et!r} is not declared in events.yaml",
                     )
                     for i in idx:
-                        failed[i] = [reason]
+                        failed.setdefault(i, []).append(reason)
                 continue
             result = validate_event_type(
                 spec,
@@ -343,7 +322,7 @@ class MicroBatchWriter:
                 [rows.properties[i] for i in idx],
             )
             for local, failures in result.items():
-                failed[idx[local]] = failures
+                failed.setdefault(idx[local], []).extend(failures)
         for i, failures in failed.items():
             bad.append(
                 _Quarantine(
@@ -511,12 +490,13 @@ class MicroBatchWriter:
                     ).fetchall()
                 )
             # 3d. Aggregates from the newly stored rows only.
+            # The *active* definitions, share-locked: a replay of a meter waits for this commit,
+            # or this batch waits for the replay (see meter_platform.meters).
             if stored:
                 types = {r[0] for r in cur.execute("SELECT DISTINCT event_type FROM new_events").fetchall()}
-                for meter in self.catalog.meters:
+                for meter in active_meters(conn, lock=True):
                     if meter.event_type in types:
-                        sql, params = self._aggregates[meter.slug]
-                        cur.execute(sql, params)
+                        cur.execute(*aggregate_upsert_sql(meter, "new_events"))
             # 3e. The ledger: per message and per batch, events = stored + duplicates + quarantined.
             ledger = []
             for seq in sorted(claimed):

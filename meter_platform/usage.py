@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from meter_platform.catalog import Meter
 from meter_platform.events import format_timestamp, parse_timestamp
+from meter_platform.meters import Bind, event_expressions, sqlalchemy_bind
 
 WINDOWS = ("minute", "hour", "day", "month")
 MAX_ROWS = 10_000
@@ -80,67 +81,40 @@ def build_query(meter: Meter, params: dict[str, str], now: datetime | None = Non
     )
 
 
-def _event_expressions(meter: Meter, params: dict[str, Any]) -> tuple[str, str, str]:
-    """SQL for (dims object, numeric value, filter) over a ``usage_events`` row."""
-    dims = []
-    for i, dim in enumerate(meter.group_by):
-        params[f"dk{i}"] = dim
-        params[f"dp{i}"] = dim.split(".")
-        dims.append(f"CAST(:dk{i} AS text), properties #>> :dp{i}")
-    dims_sql = f"jsonb_build_object({', '.join(dims)})" if dims else "'{}'::jsonb"
-    if meter.value_property:
-        params["vp"] = meter.value_property.split(".")
-        if meter.aggregation == "unique_count":
-            value_sql = "properties #>> :vp"
-        else:
-            value_sql = "CASE WHEN jsonb_typeof(properties #> :vp) = 'number' THEN CAST(properties #>> :vp AS numeric) END"
-    else:
-        value_sql = "CAST(NULL AS numeric)"
-    where = ["event_type = :event_type"]
-    params["event_type"] = meter.event_type
-    for i, (key, values) in enumerate(sorted(meter.filter.items())):
-        params[f"fp{i}"] = key.split(".")
-        params[f"fv{i}"] = [
-            v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v) for v in values
-        ]
-        where.append(f"properties #>> :fp{i} = ANY(CAST(:fv{i} AS text[]))")
-    return dims_sql, value_sql, " AND ".join(where)
-
-
-def usage_sql(q: UsageQuery) -> tuple[str, dict[str, Any]]:
-    """The SQL (SQLAlchemy ``text`` style, ``:name`` binds) answering the query, and its parameters."""
+def usage_sql(q: UsageQuery, bind: Bind = sqlalchemy_bind) -> tuple[str, dict[str, Any]]:
+    """The SQL answering the query (placeholders in ``bind``'s style), and its parameters."""
     meter = q.meter
     params: dict[str, Any] = {"slug": meter.slug, "tz": q.tz, "end": q.end, "customer": q.customer_id}
-    dims_sql, value_sql, where = _event_expressions(meter, params)
-    customer_filter = "AND customer_id = :customer" if q.customer_id else ""
+    dims_sql, value_sql, where = event_expressions(meter, params, bind)
+    tz, end, slug = bind("tz"), f"CAST({bind('end')} AS timestamptz)", bind("slug")
+    customer_filter = f"AND customer_id = {bind('customer')}" if q.customer_id else ""
     if q.start is None:
         start_sql = (
-            "(SELECT coalesce(min(minute), CAST(:end AS timestamptz)) FROM usage_minute_aggregates"
-            " WHERE meter_slug = :slug)"
+            f"(SELECT coalesce(min(minute), {end}) FROM usage_minute_aggregates WHERE meter_slug = {slug})"
         )
     else:
-        start_sql = "CAST(:start AS timestamptz)"
+        start_sql = f"CAST({bind('start')} AS timestamptz)"
         params["start"] = q.start
     if q.window is None:
         bucket, bucket_end = "b.range_start", "b.range_end"
     elif q.window in ("minute", "hour"):
-        bucket = f"date_trunc('{q.window}', t, :tz)"
+        bucket = f"date_trunc('{q.window}', t, {tz})"
         bucket_end = f"bucket_start + interval '1 {q.window}'"
     else:  # local calendar arithmetic: a day or month in the zone, whatever its length
-        bucket = f"date_trunc('{q.window}', t, :tz)"
-        bucket_end = f"(bucket_start AT TIME ZONE :tz + interval '1 {q.window}') AT TIME ZONE :tz"
+        bucket = f"date_trunc('{q.window}', t, {tz})"
+        bucket_end = f"(bucket_start AT TIME ZONE {tz} + interval '1 {q.window}') AT TIME ZONE {tz}"
     group_cols = ["customer_id" if ("customer_id" in q.group_by or q.customer_id) else "CAST(NULL AS text)"]
     dim_names = [g for g in q.group_by if g != "customer_id"]
     for i, dim in enumerate(dim_names):
         params[f"gk{i}"] = dim
-        group_cols.append(f"dims ->> CAST(:gk{i} AS text)")
+        group_cols.append(f"dims ->> CAST({bind(f'gk{i}')} AS text)")
     group_select = ", ".join(f"{c} AS g{i}" for i, c in enumerate(group_cols))
     group_refs = ", ".join(f"g{i}" for i in range(len(group_cols)))
 
     if meter.aggregation in ("unique_count", "latest"):
-        # Exact over any range: straight from the raw events.
+        # Exact over any range: straight from the raw events (distinct values do not compose).
         source = f"""
-            SELECT ts AS t, ts AS ts, id, customer_id, {dims_sql} AS dims, {value_sql} AS v
+            SELECT ts AS t, ts, id, customer_id, {dims_sql} AS dims, {value_sql} AS v
             FROM usage_events, bounds b
             WHERE {where} {customer_filter} AND ts >= b.range_start AND ts < b.range_end"""
         if meter.aggregation == "unique_count":
@@ -148,14 +122,15 @@ def usage_sql(q: UsageQuery) -> tuple[str, dict[str, Any]]:
         else:
             value = "(array_agg(v ORDER BY ts DESC, id DESC) FILTER (WHERE v IS NOT NULL))[1]"
     else:
+        # Whole minutes from the aggregates, the partial minutes at the edges from the raw events.
         source = f"""
             SELECT minute AS t, customer_id, dims, event_count, value_count, value_sum, value_min, value_max
             FROM usage_minute_aggregates, bounds b
-            WHERE meter_slug = :slug {customer_filter}
+            WHERE meter_slug = {slug} {customer_filter}
               AND minute >= b.inner_start AND minute + interval '1 minute' <= b.inner_end
             UNION ALL
-            SELECT ts, customer_id, {dims_sql}, 1, CASE WHEN v IS NULL THEN 0 ELSE 1 END, v, v, v
-            FROM (SELECT ts, customer_id, properties, {value_sql} AS v FROM usage_events, bounds b
+            SELECT ts, customer_id, dims, 1, CASE WHEN v IS NULL THEN 0 ELSE 1 END, v, v, v
+            FROM (SELECT ts, customer_id, {dims_sql} AS dims, {value_sql} AS v FROM usage_events, bounds b
                   WHERE {where} {customer_filter} AND ts >= b.range_start AND ts < b.range_end
                     AND (ts < b.inner_start OR ts >= b.inner_end)) edge"""
         value = {
@@ -171,7 +146,7 @@ def usage_sql(q: UsageQuery) -> tuple[str, dict[str, Any]]:
                    least(date_trunc('minute', s) + CASE WHEN date_trunc('minute', s) = s THEN interval '0'
                                                      ELSE interval '1 minute' END, e) AS inner_start,
                    greatest(date_trunc('minute', e), s) AS inner_end
-            FROM (SELECT {start_sql} AS s, CAST(:end AS timestamptz) AS e) r
+            FROM (SELECT {start_sql} AS s, {end} AS e) r
         ), src AS ({source}
         ), bucketed AS (
             SELECT {bucket} AS bucket_start, {group_select}, src.*
@@ -184,7 +159,7 @@ def usage_sql(q: UsageQuery) -> tuple[str, dict[str, Any]]:
         FROM bucketed, bounds b
         GROUP BY bucket_start, b.range_start, b.range_end, {group_refs}
         ORDER BY window_start, {group_refs}
-        LIMIT :limit OFFSET :offset
+        LIMIT {bind("limit")} OFFSET {bind("offset")}
     """
     params["limit"] = q.limit + 1
     params["offset"] = q.offset

@@ -15,6 +15,7 @@ from nats.js.errors import NotFoundError
 from meter_platform import db, jetstream
 from meter_platform.catalog import Catalog, load_catalog
 from meter_platform.config import EXAMPLE_CATALOG_DIR, STREAM_NAME, Settings
+from meter_platform.replay import sync_meters
 from meter_platform.servers import Server, start_nats, start_postgres
 
 TABLES = (
@@ -86,11 +87,12 @@ async def _reset_stream(url: str) -> None:
 
 
 @pytest.fixture
-def clean(nats_server: NatsHandle, database_url: str) -> None:
-    """An empty stream with its consumer, and empty tables."""
+def clean(nats_server: NatsHandle, database_url: str, catalog: Catalog) -> None:
+    """An empty stream with its consumer, empty tables, and the example catalog's meters active."""
     asyncio.run(_reset_stream(nats_server.url))
     with db.connect(database_url, autocommit=True) as conn:
         conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+        sync_meters(conn, catalog)
 
 
 @pytest.fixture

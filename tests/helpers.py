@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -12,6 +13,10 @@ from meter_platform.catalog import Catalog
 from meter_platform.config import EVENTS_SUBJECT_PREFIX
 from meter_platform.pipeline import BatchCounts, DrainSettings, drain
 
+#: A recent event time (events older than the allowed lateness, 35 days, are quarantined).
+RECENT = (datetime.now(UTC) - timedelta(days=1)).replace(second=45, microsecond=123456)
+RECENT_TS = RECENT.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
 FAST_DRAIN = DrainSettings(batch_size=200, fetch_timeout=0.3, max_seconds=30, idle_seconds=0.6)
 
 
@@ -19,7 +24,7 @@ def api_call(
     event_id: str | None,
     customer: str = "c1",
     *,
-    ts: str | None = "2025-07-24T10:30:45.123456Z",
+    ts: str | None = RECENT_TS,
     endpoint: str = "/v1/users",
     method: str = "GET",
     region: str = "us-east-1",

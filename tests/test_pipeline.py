@@ -9,7 +9,7 @@ import pytest
 
 from meter_platform import jetstream
 from meter_platform.config import CONSUMER_NAME, STREAM_NAME
-from tests.helpers import api_call, backlog, publish, query, run_drain, scalar
+from tests.helpers import RECENT, api_call, backlog, publish, query, run_drain, scalar
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -62,7 +62,7 @@ def test_direct_publish_is_stored_and_aggregated(nats_server, database_url, cata
         ("c2", {"region": "us-east-1"}, 1, Decimal(7)),
     ]
     minute = scalar(database_url, "SELECT DISTINCT minute FROM usage_minute_aggregates")
-    assert minute.isoformat() == "2025-07-24T10:30:00+00:00"
+    assert minute == RECENT.replace(second=0, microsecond=0)
     ts = scalar(database_url, "SELECT ts FROM usage_events WHERE id = 'a1'")
     assert ts.microsecond == 123456
     assert backlog(nats_server.url).ack_floor == 2
@@ -242,3 +242,26 @@ async def _consumer_ack_floor(url: str) -> int:
         return info.ack_floor.stream_seq
     finally:
         await nc.close()
+
+
+def test_late_events_are_quarantined_as_too_late_and_old_windows_still_count(
+    nats_server, database_url, catalog
+):
+    from datetime import UTC, datetime, timedelta
+
+    def ts(days: float) -> str:
+        return (datetime.now(UTC) - timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    publish(
+        nats_server.url, [api_call("late-ok", ts=ts(34)), api_call("too-late", ts=ts(36)), api_call("now")]
+    )
+    counts = run_drain(nats_server.url, database_url, catalog)
+    assert (counts.stored, counts.quarantined) == (2, 1)
+    assert query(database_url, "SELECT event_id, reasons->0->>'reason' FROM quarantined_events") == [
+        ("too-late", "too_late")
+    ]
+    # The late one lands in its own (old) minute, not in the current one.
+    minutes = query(
+        database_url, "SELECT minute FROM usage_minute_aggregates WHERE meter_slug = 'api_calls' ORDER BY 1"
+    )
+    assert len(minutes) == 2 and minutes[0][0] < datetime.now(UTC) - timedelta(days=33)

@@ -1,0 +1,172 @@
+"""Meter definitions as the database holds them, and the SQL that aggregates a meter.
+
+``meters.yaml`` says what the meters should be; the ``meter_definitions`` table says what the
+aggregates were computed with. The ingestion pipeline aggregates with the *active* definitions (read
+share-locked in its own transaction); a replay (``meter_platform.replay``) is the one place where a
+definition becomes active.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from meter_platform.catalog import Catalog, Meter
+
+Bind = Callable[[str], str]
+
+
+def psycopg_bind(name: str) -> str:
+    """Placeholder style of psycopg (``%(name)s``)."""
+    return f"%({name})s"
+
+
+def sqlalchemy_bind(name: str) -> str:
+    """Placeholder style of SQLAlchemy ``text()`` (``:name``)."""
+    return f":{name}"
+
+
+def _path(dotted: str) -> list[str]:
+    return dotted.split(".")
+
+
+def _filter_text(value: Any) -> str:
+    """A filter value as ``properties #>> path`` renders it (JSON scalars as text)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def event_expressions(meter: Meter, params: dict[str, Any], bind: Bind) -> tuple[str, str, str]:
+    """SQL over a ``usage_events``-shaped row for the meter: (dims object, value, filter condition).
+
+    The value is numeric for numeric aggregations (NULL when the property is absent or not a number)
+    and text for ``unique_count``; ``params`` receives the bind values.
+    """
+    dims = []
+    for i, dim in enumerate(meter.group_by):
+        params[f"dk{i}"], params[f"dp{i}"] = dim, _path(dim)
+        dims.append(f"CAST({bind(f'dk{i}')} AS text), properties #>> {bind(f'dp{i}')}")
+    dims_sql = f"jsonb_build_object({', '.join(dims)})" if dims else "'{}'::jsonb"
+    if not meter.value_property:
+        value_sql = "CAST(NULL AS numeric)"
+    else:
+        params["vp"] = _path(meter.value_property)
+        if meter.aggregation == "unique_count":
+            value_sql = f"properties #>> {bind('vp')}"
+        else:
+            value_sql = (
+                f"CASE WHEN jsonb_typeof(properties #> {bind('vp')}) = 'number'"
+                f" THEN CAST(properties #>> {bind('vp')} AS numeric) END"
+            )
+    params["event_type"] = meter.event_type
+    where = [f"event_type = {bind('event_type')}"]
+    for i, (key, values) in enumerate(sorted(meter.filter.items())):
+        params[f"fp{i}"], params[f"fv{i}"] = _path(key), [_filter_text(v) for v in values]
+        where.append(f"properties #>> {bind(f'fp{i}')} = ANY(CAST({bind(f'fv{i}')} AS text[]))")
+    return dims_sql, value_sql, " AND ".join(where)
+
+
+def aggregate_upsert_sql(meter: Meter, source: str, extra_where: str = "") -> tuple[str, dict[str, Any]]:
+    """The upsert that adds the meter's events found in ``source`` to its per-minute aggregates.
+
+    ``source`` is a table shaped like ``usage_events`` (the batch's newly stored rows, or the raw
+    events themselves during a replay). Sums, counts, minima and maxima compose across batches.
+    """
+    params: dict[str, Any] = {"slug": meter.slug}
+    dims_sql, value_sql, where = event_expressions(meter, params, psycopg_bind)
+    numeric = "CAST(NULL AS numeric)" if meter.aggregation == "unique_count" else "v"
+    sql = f"""
+        INSERT INTO usage_minute_aggregates AS a
+            (meter_slug, minute, customer_id, dims, event_count, value_count, value_sum, value_min, value_max)
+        SELECT %(slug)s, date_trunc('minute', ts), customer_id, dims,
+               count(*), count({numeric}), sum({numeric}), min({numeric}), max({numeric})
+        FROM (SELECT ts, customer_id, {dims_sql} AS dims, {value_sql} AS v
+              FROM {source} WHERE {where} {extra_where}) e
+        GROUP BY 2, 3, 4
+        ORDER BY 2, 3, 4
+        ON CONFLICT (meter_slug, minute, customer_id, dims) DO UPDATE SET
+            event_count = a.event_count + EXCLUDED.event_count,
+            value_count = a.value_count + EXCLUDED.value_count,
+            value_sum = CASE WHEN a.value_sum IS NULL AND EXCLUDED.value_sum IS NULL THEN NULL
+                             ELSE coalesce(a.value_sum, 0) + coalesce(EXCLUDED.value_sum, 0) END,
+            value_min = least(a.value_min, EXCLUDED.value_min),
+            value_max = greatest(a.value_max, EXCLUDED.value_max),
+            updated_at = now()
+    """
+    return sql, params
+
+
+def definition(meter: Meter) -> dict[str, Any]:
+    """The meter's definition as stored (everything that changes what its aggregates hold)."""
+    return {
+        "slug": meter.slug,
+        "event_type": meter.event_type,
+        "aggregation": meter.aggregation,
+        "value_property": meter.value_property,
+        "group_by": list(meter.group_by),
+        "filter": {k: list(v) for k, v in sorted(meter.filter.items())},
+    }
+
+
+def definition_hash(meter: Meter) -> str:
+    """A short stable hash of the definition."""
+    return hashlib.sha256(json.dumps(definition(meter), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def meter_from_definition(d: dict[str, Any]) -> Meter:
+    """Rebuild a Meter from its stored definition."""
+    return Meter(
+        slug=d["slug"],
+        event_type=d["event_type"],
+        aggregation=d["aggregation"],
+        value_property=d.get("value_property"),
+        group_by=tuple(d.get("group_by") or ()),
+        filter={k: tuple(v) for k, v in (d.get("filter") or {}).items()},
+    )
+
+
+def active_meters(conn: psycopg.Connection, *, lock: bool = False) -> list[Meter]:
+    """The active definitions; with ``lock``, share-locked until the transaction ends (see module doc)."""
+    sql = "SELECT definition FROM meter_definitions ORDER BY slug"
+    return [
+        meter_from_definition(r[0]) for r in conn.execute(sql + (" FOR SHARE" if lock else "")).fetchall()
+    ]
+
+
+@dataclass(frozen=True)
+class MeterChange:
+    """A meter whose active definition differs from the catalog's (new, changed or removed)."""
+
+    slug: str
+    old: Meter | None
+    new: Meter | None
+
+    @property
+    def kind(self) -> str:
+        """``added``, ``changed`` or ``removed``."""
+        return "added" if self.old is None else "removed" if self.new is None else "changed"
+
+
+def pending_changes(catalog: Catalog, conn: psycopg.Connection) -> list[MeterChange]:
+    """Meters of the catalog that are not active as defined, and active meters the catalog dropped."""
+    active = {m.slug: m for m in active_meters(conn)}
+    wanted = {m.slug: m for m in catalog.meters}
+    changes = []
+    for slug in sorted(active.keys() | wanted.keys()):
+        old, new = active.get(slug), wanted.get(slug)
+        if old is None or new is None or definition_hash(old) != definition_hash(new):
+            changes.append(MeterChange(slug, old, new))
+    return changes
+
+
+def last_activation(conn: psycopg.Connection) -> datetime | None:
+    """When a meter definition last became active (None before the first)."""
+    row = conn.execute("SELECT max(activated_at) FROM meter_definitions").fetchone()
+    return row[0] if row else None
