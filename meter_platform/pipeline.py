@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 def default_max_lateness() -> timedelta:
     """How late an event may arrive and still be counted (``METER_MAX_LATENESS_DAYS``, default 35)."""
     return timedelta(days=float(os.environ.get("METER_MAX_LATENESS_DAYS", "35")))
+
+
 _json = msgspec.json.Encoder()
 
 

@@ -107,6 +107,8 @@ def up() -> int:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    # A shell without job control starts background jobs with SIGINT ignored; Ctrl-C must still work.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         nats_url = settings.nats_url
         if nats_url is None:
