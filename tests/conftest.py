@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import uvicorn
 from nats.js.errors import NotFoundError
 
+from ingest_gateway.app import create_app
 from meter_platform import db, jetstream
 from meter_platform.catalog import Catalog, load_catalog
 from meter_platform.config import EXAMPLE_CATALOG_DIR, STREAM_NAME, Settings
 from meter_platform.replay import sync_meters
-from meter_platform.servers import Server, start_nats, start_postgres
+from meter_platform.servers import Server, free_port, start_nats, start_postgres
 
 TABLES = (
     "usage_minute_aggregates",
@@ -99,3 +103,21 @@ def clean(nats_server: NatsHandle, database_url: str, catalog: Catalog) -> None:
 def settings(nats_server: NatsHandle, database_url: str, tmp_path: Path) -> Settings:
     """Settings pointing at the session's servers."""
     return Settings(nats_url=nats_server.url, database_url=database_url, data_dir=tmp_path / ".meter")
+
+
+@pytest.fixture
+def gateway_url(settings, catalog, clean) -> Iterator[str]:
+    """The real gateway app served by uvicorn in a background thread on a free port."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings, catalog), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)

@@ -107,3 +107,60 @@ def test_job_drains_into_postgres_and_reports_counts(nats_server, database_url):
     )
     state = backlog(nats_server.url)
     assert state.pending == 0 and state.ack_pending == 0 and state.ack_floor == 2
+
+
+def test_catalog_change_is_noticed_and_replayed_by_the_job(nats_server, database_url, catalog, tmp_path):
+    import shutil
+
+    from meter_platform import db
+    from meter_platform.defs.usage.jobs import meter_replay_job
+    from meter_platform.defs.usage.sensors import meter_catalog_sensor
+    from meter_platform.meters import pending_changes
+    from tests.helpers import run_drain
+
+    publish(
+        nats_server.url, [api_call("m1", region="eu-west-1"), api_call("m2"), api_call("m3", customer="c2")]
+    )
+    run_drain(nats_server.url, database_url, catalog)
+    resources = {
+        "postgres": PostgresResource(url=database_url),
+        "catalog": CatalogResource(catalog_dir=str(tmp_path)),
+    }
+    shutil.copytree(EXAMPLE_CATALOG_DIR, tmp_path, dirs_exist_ok=True)
+    instance = DagsterInstance.ephemeral()
+    result = meter_catalog_sensor(build_sensor_context(instance=instance, resources=resources))
+    assert isinstance(result, SkipReason)
+
+    # The operator narrows api_calls to one region.
+    meters_yaml = tmp_path / "meters.yaml"
+    meters_yaml.write_text(
+        meters_yaml.read_text().replace(
+            "    group_by: [endpoint, method, region]\n",
+            "    group_by: [endpoint, method, region]\n    filter: {region: eu-west-1}\n",
+            1,
+        )
+    )
+    result = meter_catalog_sensor(build_sensor_context(instance=instance, resources=resources))
+    assert isinstance(result, RunRequest)
+    assert result.run_config == {"ops": {"replay_meters": {"config": {"slugs": ["api_calls"]}}}}
+
+    defs = Definitions(
+        jobs=[meter_replay_job],
+        resources={**resources, "nats": NatsResource(url=nats_server.url)},
+    )
+    run = defs.resolve_job_def("meter_replay_job").execute_in_process(
+        run_config=result.run_config, instance=instance
+    )
+    assert run.success
+    [materialization] = run.asset_materializations_for_node("replay_meters")
+    assert materialization.metadata["meter"].value == "api_calls"
+    assert materialization.metadata["customers_changed"].value == 2
+    assert "| c1 | 2 | 1 |" in materialization.metadata["old_vs_new"].value
+    assert (
+        scalar(
+            database_url, "SELECT sum(event_count) FROM usage_minute_aggregates WHERE meter_slug='api_calls'"
+        )
+        == 1
+    )
+    with db.connect(database_url) as conn:
+        assert pending_changes(CatalogResource(catalog_dir=str(tmp_path)).load(), conn) == []

@@ -11,16 +11,13 @@ import random
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from ingest_gateway.app import create_app
 from meter_platform import demo
 from meter_platform.events import (
     check_times,
@@ -238,24 +235,6 @@ def test_waiting_gives_up_after_the_timeout():
 
 
 # --- end to end: a real gateway (uvicorn), real JetStream and PostgreSQL ---------------------------
-
-
-@pytest.fixture
-def gateway_url(settings, catalog, clean) -> Iterator[str]:
-    """The real gateway app served by uvicorn in a background thread on a free port."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, catalog), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
 
 
 def stored_totals(database_url: str, customers: set[str]) -> dict[str, Decimal]:
