@@ -48,6 +48,8 @@ from meter_platform.events import (
     format_timestamp,
     new_event_id,
     now_us,
+    parse_timestamp,
+    us_to_datetime,
 )
 from meter_platform.usage import UsageQueryError, build_query, usage_answer, usage_sql
 
@@ -185,21 +187,39 @@ class Gateway:
             except NotFoundError:
                 continue
             data = msg.data or b""
-            if event_id.encode() not in data:
+            header_id = (msg.headers or {}).get("Nats-Msg-Id")
+            if (
+                header_id != event_id
+                and event_id.encode() not in data
+                and msgspec.json.encode(event_id)[1:-1] not in data
+            ):
                 continue
-            decoded = decode_any(data)
+            try:
+                decoded = decode_any(data)
+            except msgspec.DecodeError:
+                continue
             items = (
                 decoded.get("events", [])
                 if isinstance(decoded, dict) and "events" in decoded
                 else (decoded if isinstance(decoded, list) else [decoded])
             )
             for item in items:
-                if isinstance(item, dict) and item.get("id") == event_id:
-                    out = dict(item)
+                if not isinstance(item, dict):
+                    continue
+                by_header = header_id == event_id and len(items) == 1 and not item.get("id")
+                if item.get("id") == event_id or by_header:
+                    out = dict(item, id=event_id)
                     if isinstance(decoded, dict) and "received_at" in decoded:
-                        from meter_platform.events import us_to_datetime
-
                         out["received_at"] = format_timestamp(us_to_datetime(decoded["received_at"]))
+                    elif msg.time is not None:
+                        out["received_at"] = format_timestamp(msg.time)
+                        try:
+                            ts = item.get("timestamp")
+                            out["timestamp"] = (
+                                format_timestamp(parse_timestamp(ts)) if ts else out["received_at"]
+                            )
+                        except (ValueError, TypeError):
+                            pass
                     out["state"] = "pending"
                     out["stream_seq"] = seq
                     return out
@@ -265,6 +285,8 @@ async def get_event(request: Request) -> Response:
     """GET /v1/events/{id}: the event as the pipeline saw it, and its state."""
     gw = _gateway(request)
     event_id = request.path_params["event_id"]
+    if "\x00" in event_id:
+        raise ApiError(404, f"No event with id {event_id!r} was accepted.")
     rows = await gw.query(
         "SELECT id, event_type, customer_id, ts, received_at, properties, metadata, stream_seq"
         " FROM usage_events WHERE id = :id",
@@ -386,7 +408,9 @@ async def readyz(request: Request) -> Response:
     gw = _gateway(request)
     checks: dict[str, str] = {}
     try:
-        assert gw.js is not None
+        assert gw.js is not None and gw.nc is not None
+        if not gw.nc.is_connected:  # fail fast instead of waiting for a JetStream timeout
+            raise ConnectionError("not connected to NATS")
         await gw.js.stream_info(STREAM_NAME)
         checks["nats"] = checks["stream"] = "ok"
     except Exception as exc:

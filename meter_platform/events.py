@@ -77,7 +77,9 @@ def datetime_to_us(dt: datetime) -> int:
 
 def format_timestamp(dt: datetime) -> str:
     """RFC 3339 in UTC with all six microsecond digits, e.g. ``2025-07-24T10:30:45.123000Z``."""
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    dt = dt.astimezone(UTC)
+    # Not strftime("%Y"): glibc writes year 99 as "99", which is not RFC 3339 and fails parse_timestamp.
+    return f"{dt.year:04d}-{dt:%m-%dT%H:%M:%S.%f}Z"
 
 
 def parse_timestamp(value: str) -> datetime:
@@ -88,8 +90,13 @@ def parse_timestamp(value: str) -> datetime:
     """
     if not _RFC3339_RE.match(value):
         raise ValueError("must be an RFC 3339 timestamp with an offset, e.g. 2025-07-24T10:30:45.123Z")
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character")
     fixed = _FRACTION_RE.sub(lambda m: "." + m.group(1)[:6], value, count=1)
-    return datetime.fromisoformat(fixed.replace("z", "Z")).astimezone(UTC)
+    try:
+        return datetime.fromisoformat(fixed.replace("z", "Z")).astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError("is outside years 0001-9999 once converted to UTC") from exc
 
 
 def new_event_id() -> str:
@@ -129,10 +136,29 @@ def _explain(text: str) -> tuple[str, str]:
     return field, message
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _nul_field(item: dict[str, Any]) -> str | None:
+    """The first top-level field holding a NUL anywhere (PostgreSQL text and jsonb cannot)."""
+    return next((str(k) for k, v in item.items() if _has_nul(k) or _has_nul(v)), None)
+
+
 def _check_item(index: int, item: Any, errors: list[ItemError]) -> Event | None:
     """Convert one decoded JSON value to an Event, appending a precise error when it is not one."""
     if not isinstance(item, dict):
         errors.append(ItemError(index, "", "an event must be a JSON object"))
+        return None
+    nul = _nul_field(item)
+    if nul is not None:
+        errors.append(ItemError(index, nul, "must not contain the NUL character (U+0000)"))
         return None
     try:
         return msgspec.convert(item, Event)
@@ -150,6 +176,8 @@ def decode_events(body: bytes) -> tuple[list[Event | None], list[ItemError], boo
     only a body with a problem is walked item by item.
     """
     try:
+        if b"\\u0000" in body:
+            raise msgspec.ValidationError("NUL")
         decoded = _event_decoder.decode(body)
     except msgspec.ValidationError:
         pass
@@ -159,7 +187,10 @@ def decode_events(body: bytes) -> tuple[list[Event | None], list[ItemError], boo
         if isinstance(decoded, list):
             return list(decoded), [], True
         return [decoded], [], False
-    raw = _any_decoder.decode(body)
+    try:
+        raw = _any_decoder.decode(body)
+    except msgspec.DecodeError as exc:  # e.g. a number out of range
+        return [], [ItemError(0, "", f"the body is not valid JSON ({exc})")], False
     items = raw if isinstance(raw, list) else [raw]
     errors: list[ItemError] = []
     return [_check_item(i, item, errors) for i, item in enumerate(items)], errors, isinstance(raw, list)

@@ -58,6 +58,8 @@ def build_query(meter: Meter, params: dict[str, str], now: datetime | None = Non
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise UsageQueryError(f"tz {tz!r} is not an IANA time zone (e.g. Europe/Berlin)") from exc
+    if "\x00" in (params.get("customer_id") or ""):
+        raise UsageQueryError("customer_id must not contain the NUL character")
     end = _parse_time(params["to"], "to") if params.get("to") else (now or datetime.now(UTC))
     start = _parse_time(params["from"], "from") if params.get("from") else None
     if start is not None and start >= end:
