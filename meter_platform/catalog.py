@@ -83,6 +83,7 @@ class Catalog:
     meters: tuple[Meter, ...]
     event_types: dict[str, EventTypeSpec]
     accept_unknown_event_types: bool = False
+    directory: Path | None = None  # where it was loaded from (other files of the catalog live there)
 
     def meter(self, slug: str) -> Meter | None:
         """The meter with that slug, or None."""
@@ -262,4 +263,5 @@ def load_catalog(catalog_dir: Path) -> Catalog:
         meters=tuple(m for m in meters if m is not None),
         event_types=event_types,
         accept_unknown_event_types=accept_unknown,
+        directory=catalog_dir,
     )

@@ -5,13 +5,21 @@ from dagster import Definitions, EnvVar
 from meter_platform.defs.ingestion.assets import JETSTREAM_EVENTS, ingest_microbatches
 from meter_platform.defs.ingestion.jobs import ingest_microbatch_job
 from meter_platform.defs.ingestion.sensors import jetstream_backlog_sensor
+from meter_platform.defs.quality.checks import (
+    DATA_QUALITY_SUMMARY,
+    data_quality_checks,
+    data_quality_job,
+    data_quality_schedule,
+)
 from meter_platform.defs.resources import CatalogResource, NatsResource, PostgresResource
 from meter_platform.defs.usage.jobs import meter_replay_job
 from meter_platform.defs.usage.sensors import meter_catalog_sensor
 
 defs = Definitions(
-    assets=[JETSTREAM_EVENTS, ingest_microbatches],
-    jobs=[ingest_microbatch_job, meter_replay_job],
+    assets=[JETSTREAM_EVENTS, ingest_microbatches, DATA_QUALITY_SUMMARY],
+    asset_checks=[data_quality_checks],
+    jobs=[ingest_microbatch_job, meter_replay_job, data_quality_job],
+    schedules=[data_quality_schedule],
     sensors=[jetstream_backlog_sensor, meter_catalog_sensor],
     resources={
         "nats": NatsResource(url=EnvVar("METER_NATS_URL")),

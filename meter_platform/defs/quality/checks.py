@@ -1,0 +1,148 @@
+"""The data-quality checks of the usage assets, run together on a schedule.
+
+One op evaluates every check (plain SQL first, then great-expectations), records each outcome in
+``quality_check_results`` (which the alert sensor reads), reports it as an asset check result (the
+check history on each asset in the UI) and materializes ``data_quality_summary``.
+"""
+
+from typing import Any
+
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetKey,
+    AssetMaterialization,
+    AssetSelection,
+    AssetSpec,
+    DefaultScheduleStatus,
+    MetadataValue,
+    ScheduleDefinition,
+    define_asset_job,
+    multi_asset_check,
+)
+
+from meter_platform import db, quality
+from meter_platform.defs.resources import CatalogResource, NatsResource, PostgresResource
+from meter_platform.meters import active_meters
+
+#: Check name -> (asset, severity); the functions in meter_platform.quality produce them.
+CHECKS: dict[str, tuple[str, str]] = {
+    "aggregates_reconcile_with_raw_events": ("usage_minute_aggregates", "ERROR"),
+    "no_negative_quantities": ("usage_minute_aggregates", "ERROR"),
+    "volume_anomaly": ("usage_minute_aggregates", "WARN"),
+    "ledger_continuity": ("usage_events", "ERROR"),
+    "values_within_declared_ranges": ("usage_events", "ERROR"),
+    "freshness": ("usage_events", "WARN"),
+    "duplicate_rate": ("usage_events", "WARN"),
+    "every_customer_known": ("usage_events", "WARN"),
+    "quarantine_rate": ("quarantined_events", "WARN"),
+}
+
+DATA_QUALITY_SUMMARY = AssetSpec(
+    "data_quality_summary",
+    deps=["usage_events", "quarantined_events", "usage_minute_aggregates"],
+    group_name="quality",
+    description="The latest outcome of every data-quality check, the ledger totals, and whether invoices "
+    "may be finalized (no failing ERROR check on reconciliation or ledger continuity).",
+)
+
+
+def _metadata(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: MetadataValue.json(v) if isinstance(v, dict | list) else v for k, v in values.items()}
+
+
+def evaluate_all(
+    database_url: str, nats: NatsResource, catalog_resource: CatalogResource
+) -> list[quality.CheckOutcome]:
+    """Every check, in a fixed order; reconciliation reads one consistent snapshot."""
+    settings = quality.QualitySettings.from_env()
+    catalog = catalog_resource.load()
+    ack_floor = nats.backlog().ack_floor
+    with db.connect(database_url) as conn:
+        conn.read_only = True
+        conn.isolation_level = db.psycopg.IsolationLevel.REPEATABLE_READ
+        meters = active_meters(conn)
+        outcomes = [
+            quality.reconcile_aggregates(conn, meters, settings),
+            quality.ledger_continuity(conn, ack_floor),
+            quality.freshness(conn, meters, settings),
+            quality.volume_anomaly(conn, meters, settings),
+            *quality.ingest_rates(conn, settings),
+        ]
+    outcomes += quality.expectation_checks(database_url, catalog, settings)
+    return outcomes
+
+
+@multi_asset_check(
+    specs=[
+        AssetCheckSpec(name, asset=asset, description=f"{severity}: see meter_platform/quality.py")
+        for name, (asset, severity) in CHECKS.items()
+    ],
+    description="Evaluate every data-quality check and record the outcomes.",
+)
+def data_quality_checks(
+    context: AssetCheckExecutionContext,
+    postgres: PostgresResource,
+    nats: NatsResource,
+    catalog: CatalogResource,
+):
+    """Run the checks, record them, report them, and materialize the summary."""
+    outcomes = evaluate_all(postgres.url, nats, catalog)
+    with db.connect(postgres.url) as conn:
+        for outcome in outcomes:
+            quality.record(conn, outcome, context.run.run_id)
+        conn.commit()
+        blocking = quality.blocking_failures(conn)
+        totals = conn.execute(
+            "SELECT coalesce(sum(events), 0), coalesce(sum(stored), 0), coalesce(sum(duplicates), 0),"
+            " coalesce(sum(quarantined), 0) FROM ingest_batches"
+        ).fetchone()
+    for outcome in outcomes:
+        yield AssetCheckResult(
+            asset_key=AssetKey(outcome.asset),
+            check_name=outcome.check_name,
+            passed=outcome.passed,
+            severity=AssetCheckSeverity.ERROR if outcome.severity == "ERROR" else AssetCheckSeverity.WARN,
+            description=outcome.description,
+            metadata=_metadata(outcome.metadata),
+        )
+    failing = [o for o in outcomes if not o.passed]
+    table = ["| check | asset | severity | passed | finding |", "| --- | --- | --- | --- | --- |"] + [
+        f"| {o.check_name} | {o.asset} | {o.severity} | {'yes' if o.passed else 'NO'} | {o.description} |"
+        for o in outcomes
+    ]
+    events, stored, duplicates, quarantined = (int(v) for v in totals) if totals else (0, 0, 0, 0)
+    context.op_execution_context.log_event(
+        AssetMaterialization(
+            asset_key=DATA_QUALITY_SUMMARY.key,
+            description=f"{len(failing)} of {len(outcomes)} checks failing; "
+            + ("invoices may be finalized" if not blocking else "invoice finalization is BLOCKED"),
+            metadata={
+                "checks": MetadataValue.md("\n".join(table)),
+                "failing": len(failing),
+                "blocking_failures": [o.check_name for o in blocking],
+                "invoices_may_be_finalized": not blocking,
+                "events_processed": events,
+                "stored": stored,
+                "duplicates": duplicates,
+                "quarantined": quarantined,
+                "quarantine_rate": round(quarantined / events, 4) if events else 0.0,
+            },
+        )
+    )
+
+
+data_quality_job = define_asset_job(
+    "data_quality_job",
+    selection=AssetSelection.checks(data_quality_checks),
+    description="Evaluate every data-quality check of the usage assets.",
+)
+
+data_quality_schedule = ScheduleDefinition(
+    job=data_quality_job,
+    cron_schedule="*/5 * * * *",
+    default_status=DefaultScheduleStatus.RUNNING,
+    description="Data-quality checks every five minutes.",
+)
