@@ -11,6 +11,7 @@ from meter_platform.defs.quality.checks import (
     data_quality_job,
     data_quality_schedule,
 )
+from meter_platform.defs.quality.sensors import data_quality_alert_sensor
 from meter_platform.defs.resources import CatalogResource, NatsResource, PostgresResource
 from meter_platform.defs.usage.jobs import meter_replay_job
 from meter_platform.defs.usage.sensors import meter_catalog_sensor
@@ -20,7 +21,7 @@ defs = Definitions(
     asset_checks=[data_quality_checks],
     jobs=[ingest_microbatch_job, meter_replay_job, data_quality_job],
     schedules=[data_quality_schedule],
-    sensors=[jetstream_backlog_sensor, meter_catalog_sensor],
+    sensors=[jetstream_backlog_sensor, meter_catalog_sensor, data_quality_alert_sensor],
     resources={
         "nats": NatsResource(url=EnvVar("METER_NATS_URL")),
         "postgres": PostgresResource(url=EnvVar("METER_DATABASE_URL")),
