@@ -19,6 +19,7 @@ from pathlib import Path
 from meter_platform import db, jetstream
 from meter_platform.catalog import load_catalog
 from meter_platform.config import PACKAGE_DIR, Settings, load_settings
+from meter_platform.replay import format_report, sync_meters
 from meter_platform.servers import Server, port_is_free, start_nats, start_postgres, wait_for_port
 from meter_platform.validation import validate_catalog_types
 
@@ -128,6 +129,11 @@ def up() -> int:
         _say(
             f"database schema up to date ({'applied migrations ' + str(applied) if applied else 'no new migrations'})"
         )
+        # Meters added or changed in meters.yaml since the last start become active here, their
+        # aggregates rebuilt from the stored raw events (the Dagster sensor does it while running).
+        with db.connect(database_url, autocommit=True) as conn:
+            for report in sync_meters(conn, catalog, progress=_say):
+                _say(format_report(report, limit=5))
 
         async def prepare_stream() -> None:
             nc = await jetstream.connect(nats_url, name="meter-up")

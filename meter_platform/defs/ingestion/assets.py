@@ -35,7 +35,7 @@ class DrainConfig(Config):
     """How long one run drains, and in what batch size."""
 
     max_seconds: float = 300.0
-    idle_seconds: float = 5.0
+    idle_seconds: float = 60.0  # keep polling this long after the last event: freshness in seconds
     batch_size: int = 500
 
 
