@@ -51,6 +51,8 @@ from meter_platform.events import (
     parse_timestamp,
     us_to_datetime,
 )
+from meter_platform.meters import sqlalchemy_bind
+from meter_platform.quarantine import QuarantineQueryError, list_answer, list_sql, parse_list_params
 from meter_platform.usage import UsageQueryError, build_query, usage_answer, usage_sql
 
 log = logging.getLogger("ingest_gateway")
@@ -357,6 +359,17 @@ async def meter_usage(request: Request) -> Response:
     return json_response(usage_answer(q, await gw.query(sql, params)))
 
 
+async def list_quarantine(request: Request) -> Response:
+    """GET /v1/quarantine: quarantined events with their reasons, newest first, filtered and paged."""
+    gw = _gateway(request)
+    try:
+        filters, limit, offset = parse_list_params(request.query_params.multi_items())
+    except QuarantineQueryError as exc:
+        raise ApiError(400, str(exc), list(exc.details)) from exc
+    sql, params = list_sql(filters, limit, offset, sqlalchemy_bind)
+    return json_response(list_answer(await gw.query(sql, params), limit, offset))
+
+
 async def ingest_status(request: Request) -> Response:
     """GET /v1/ingest/status: the ledger that proves nothing was lost."""
     gw = _gateway(request)
@@ -371,9 +384,18 @@ async def ingest_status(request: Request) -> Response:
         await gw.query(
             "SELECT coalesce(sum(events), 0) AS events, coalesce(sum(stored), 0) AS stored,"
             " coalesce(sum(duplicates), 0) AS duplicates, coalesce(sum(quarantined), 0) AS quarantined,"
-            " coalesce(sum(messages), 0) AS messages, max(committed_at) AS last_commit FROM ingest_batches"
+            " coalesce(sum(messages), 0) AS messages, max(committed_at) AS last_commit,"
+            # Quarantined events a replay moved since (meter_platform.quarantine), in the same snapshot.
+            " (SELECT count(*) FROM quarantined_events WHERE status = 'replayed') AS replayed,"
+            " (SELECT count(*) FROM quarantined_events WHERE status = 'duplicate') AS replay_duplicates,"
+            " (SELECT count(*) FROM quarantine_replays) AS replays,"
+            " (SELECT max(finished_at) FROM quarantine_replays) AS last_replay FROM ingest_batches"
         )
     )[0]
+    # A replayed event moves from quarantined to stored (or duplicates): processed is unchanged.
+    replayed, replay_dups = int(row.replayed), int(row.replay_duplicates)
+    stored, duplicates = int(row.stored) + replayed, int(row.duplicates) + replay_dups
+    quarantined = int(row.quarantined) - replayed - replay_dups
     return json_response(
         {
             "stream": {"name": STREAM_NAME, "last_seq": backlog.last_seq, "messages": backlog.messages},
@@ -385,10 +407,16 @@ async def ingest_status(request: Request) -> Response:
             },
             "events": {
                 "processed": int(row.events),
-                "stored": int(row.stored),
-                "duplicates": int(row.duplicates),
-                "quarantined": int(row.quarantined),
-                "balanced": int(row.events) == int(row.stored) + int(row.duplicates) + int(row.quarantined),
+                "stored": stored,
+                "duplicates": duplicates,
+                "quarantined": quarantined,
+                "balanced": int(row.events) == stored + duplicates + quarantined,
+                "replayed_from_quarantine": replayed,
+                "duplicates_from_quarantine": replay_dups,
+            },
+            "quarantine_replays": {
+                "replays": int(row.replays),
+                "last_finished_at": format_timestamp(row.last_replay) if row.last_replay else None,
             },
             "ledger": {
                 "messages": int(row.messages),
@@ -471,6 +499,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         Route("/v1/meters", list_meters, methods=["GET"]),
         Route("/v1/meters/{slug}/usage", meter_usage, methods=["GET"]),
         Route("/v1/ingest/status", ingest_status, methods=["GET"]),
+        Route("/v1/quarantine", list_quarantine, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]

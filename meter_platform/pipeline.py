@@ -18,6 +18,11 @@ This is where the platform's delivery guarantee is made. For each micro-batch, i
 4. **Commit.** Everything in 3 becomes visible at once, or nothing does.
 5. **Then ack** the messages. A crash between 4 and 5 means redelivery, and 3a makes that a no-op:
    at-least-once delivery from JetStream + idempotent writes = each event counted exactly once.
+
+Steps 2, 3b and 3d are methods of :class:`MicroBatchWriter` (``validate``, ``insert_raw``,
+``aggregate_new``) that a quarantine replay (``meter_platform.quarantine``) runs too, on events taken
+back out of ``quarantined_events``: an event replayed from quarantine is validated, deduplicated and
+aggregated by exactly the code that ingests it from JetStream.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import psycopg
@@ -63,6 +68,7 @@ def default_max_lateness() -> timedelta:
 
 
 _json = msgspec.json.Encoder()
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,7 @@ class BatchCounts:
 
 
 @dataclass
-class _Rows:
+class EventRows:
     """The batch's events in columns, as written to PostgreSQL."""
 
     ids: list[str] = field(default_factory=list)
@@ -124,7 +130,9 @@ class _Rows:
 
 
 @dataclass
-class _Quarantine:
+class Rejected:
+    """An event (or an unreadable message) that failed a check, with the reasons."""
+
     event_id: str | None
     event_type: str | None
     customer_id: str | None
@@ -136,8 +144,97 @@ class _Quarantine:
     seq: int
 
 
+def decode_item(
+    item: Any, received: datetime, seq: int, fallback_id: str, rows: EventRows, bad: list[Rejected]
+) -> bool:
+    """Check one event as directly published (a JSON value) and append it to ``rows`` or ``bad``.
+
+    The envelope is checked as the gateway checks it at its door, and a timestamp more than
+    ``MAX_FUTURE_SKEW`` after ``received`` is refused; ``fallback_id`` is the id of an event sent
+    without one. Returns whether the event went to ``rows``. Used for messages published straight to
+    NATS and for events replayed from quarantine.
+    """
+    event, error = convert_event(item)
+    if event is None or error is not None:
+        raw_id = item.get("id") if isinstance(item, dict) else None
+        bad.append(
+            Rejected(
+                raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= 128 else None,
+                item.get("event_type")
+                if isinstance(item, dict) and isinstance(item.get("event_type"), str)
+                else None,
+                item.get("customer_id")
+                if isinstance(item, dict) and isinstance(item.get("customer_id"), str)
+                else None,
+                None,
+                received,
+                item,
+                None,
+                [
+                    Failure(
+                        error.field if error else "",
+                        "invalid_envelope",
+                        error.message if error else "invalid",
+                    )
+                ],
+                seq,
+            )
+        )
+        return False
+    event_id = event.id or fallback_id
+    ts = received
+    if event.timestamp is not None:
+        try:
+            ts = parse_timestamp(event.timestamp)
+        except ValueError as exc:  # RFC 3339 in form but not a date (month 13, year 0): as the gateway says
+            bad.append(
+                Rejected(
+                    event_id,
+                    event.event_type,
+                    event.customer_id,
+                    None,
+                    received,
+                    item,
+                    None,
+                    [Failure("timestamp", "invalid_envelope", str(exc))],
+                    seq,
+                )
+            )
+            return False
+        if ts > received + MAX_FUTURE_SKEW:
+            bad.append(
+                Rejected(
+                    event_id,
+                    event.event_type,
+                    event.customer_id,
+                    ts,
+                    received,
+                    item,
+                    None,
+                    [
+                        Failure(
+                            "timestamp",
+                            "future_timestamp",
+                            "is more than 5 minutes ahead of the time JetStream stored it",
+                        )
+                    ],
+                    seq,
+                )
+            )
+            return False
+    rows.ids.append(event_id)
+    rows.event_types.append(event.event_type)
+    rows.customer_ids.append(event.customer_id)
+    rows.timestamps.append(ts)
+    rows.received.append(received)
+    rows.properties.append(event.properties)
+    rows.metadata.append(event.metadata)
+    rows.seqs.append(seq)
+    return True
+
+
 def _decode_message(
-    msg: Message, rows: _Rows, bad: list[_Quarantine], per_msg_events: dict[int, int]
+    msg: Message, rows: EventRows, bad: list[Rejected], per_msg_events: dict[int, int]
 ) -> None:
     """Append the message's events to ``rows`` (or ``bad``), counting them per message."""
     received = us_to_datetime(msg.timestamp_us)
@@ -162,7 +259,7 @@ def _decode_message(
         decoded = decode_any(msg.data)
     except msgspec.DecodeError as exc:
         bad.append(
-            _Quarantine(
+            Rejected(
                 None,
                 None,
                 None,
@@ -179,68 +276,9 @@ def _decode_message(
     items = decoded if isinstance(decoded, list) else [decoded]
     header_id = (msg.headers or {}).get("Nats-Msg-Id")
     for i, item in enumerate(items):
-        event, error = convert_event(item)
         # A stable id for events published without one: a redelivery then carries the same id.
         fallback_id = header_id if (header_id and len(items) == 1) else f"nats-{msg.seq}-{i}"
-        if event is None or error is not None:
-            raw_id = item.get("id") if isinstance(item, dict) else None
-            bad.append(
-                _Quarantine(
-                    raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= 128 else None,
-                    item.get("event_type")
-                    if isinstance(item, dict) and isinstance(item.get("event_type"), str)
-                    else None,
-                    item.get("customer_id")
-                    if isinstance(item, dict) and isinstance(item.get("customer_id"), str)
-                    else None,
-                    None,
-                    received,
-                    item,
-                    None,
-                    [
-                        Failure(
-                            error.field if error else "",
-                            "invalid_envelope",
-                            error.message if error else "invalid",
-                        )
-                    ],
-                    msg.seq,
-                )
-            )
-            continue
-        event_id = event.id or fallback_id
-        ts = received
-        if event.timestamp is not None:
-            ts = parse_timestamp(event.timestamp)
-            if ts > received + MAX_FUTURE_SKEW:
-                bad.append(
-                    _Quarantine(
-                        event_id,
-                        event.event_type,
-                        event.customer_id,
-                        ts,
-                        received,
-                        item,
-                        None,
-                        [
-                            Failure(
-                                "timestamp",
-                                "future_timestamp",
-                                "is more than 5 minutes ahead of the time JetStream stored it",
-                            )
-                        ],
-                        msg.seq,
-                    )
-                )
-                continue
-        rows.ids.append(event_id)
-        rows.event_types.append(event.event_type)
-        rows.customer_ids.append(event.customer_id)
-        rows.timestamps.append(ts)
-        rows.received.append(received)
-        rows.properties.append(event.properties)
-        rows.metadata.append(event.metadata)
-        rows.seqs.append(msg.seq)
+        decode_item(item, received, msg.seq, fallback_id, rows, bad)
     per_msg_events[msg.seq] = len(items)
 
 
@@ -248,12 +286,28 @@ def _iso(ts: datetime | str) -> str:
     return ts if isinstance(ts, str) else format_timestamp(ts)
 
 
-def _take(rows: _Rows, keep: list[int]) -> _Rows:
-    out = _Rows()
+def _take(rows: EventRows, keep: list[int]) -> EventRows:
+    out = EventRows()
     for name in out.__dataclass_fields__:
         column = getattr(rows, name)
         setattr(out, name, [column[i] for i in keep])
     return out
+
+
+def _no_nul(text: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL: keep it visible as the JSON escape instead."""
+    return text.replace("\x00", "\\u0000") if text is not None and "\x00" in text else text
+
+
+def _storable_payload(q: Rejected) -> tuple[str | None, str | None]:
+    """(payload as jsonb text, raw text) for a rejected item; jsonb cannot hold NUL, so such a
+    payload is kept as its JSON text instead."""
+    if q.payload is None:
+        return None, _no_nul(q.payload_text)
+    encoded = _json.encode(q.payload).decode()
+    if "\\u0000" in encoded:
+        return None, encoded
+    return encoded, _no_nul(q.payload_text)
 
 
 def _one(cur: psycopg.Cursor) -> Any:
@@ -264,7 +318,10 @@ def _one(cur: psycopg.Cursor) -> Any:
 
 
 class MicroBatchWriter:
-    """Validates and writes micro-batches for one catalog into one database (steps 2-4 above)."""
+    """Validates and writes micro-batches for one catalog into one database (steps 2-4 above).
+
+    ``validate``, ``insert_raw`` and ``aggregate_new`` are the steps a quarantine replay shares.
+    """
 
     def __init__(self, catalog: Catalog, database_url: str, max_lateness: timedelta | None = None):
         self.catalog = catalog
@@ -272,7 +329,7 @@ class MicroBatchWriter:
         self.max_lateness = max_lateness if max_lateness is not None else default_max_lateness()
         self._conn: psycopg.Connection | None = None
 
-    def _too_late(self, rows: _Rows) -> dict[int, list[Failure]]:
+    def _too_late(self, rows: EventRows) -> dict[int, list[Failure]]:
         """Events older than the allowed lateness when received: quarantined as ``too_late``."""
         cutoffs: dict[datetime, tuple[datetime, str]] = {}
         late: dict[int, list[Failure]] = {}
@@ -299,8 +356,34 @@ class MicroBatchWriter:
             self._conn = db.connect(self.database_url)
         return self._conn
 
-    def _validate(self, rows: _Rows, bad: list[_Quarantine]) -> _Rows:
-        """Split rows into the valid ones (returned) and failures (appended to ``bad``)."""
+    def connection(self) -> psycopg.Connection:
+        """The writer's database connection (opened on first use, autocommit off)."""
+        return self._connection()
+
+    def retrying(self, transaction: Callable[[], T], what: str) -> T:
+        """Run ``transaction`` (one PostgreSQL transaction), again when PostgreSQL rolled it back.
+
+        Two writers upserting the same aggregate rows can deadlock; the loser's transaction is rolled
+        back whole, so running it again is safe. A lost connection closes this writer's and raises.
+        """
+        for attempt in range(5):
+            try:
+                return transaction()
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                log.warning("%s rolled back by a deadlock; retrying (attempt %d)", what, attempt + 1)
+                time.sleep(0.05 * (attempt + 1))
+            except psycopg.OperationalError:
+                self.close()
+                raise
+        raise RuntimeError(f"{what} kept deadlocking; nothing of it was committed")
+
+    def validate(self, rows: EventRows, bad: list[Rejected]) -> EventRows:
+        """Step 2: split rows into the valid ones (returned) and failures (appended to ``bad``).
+
+        Checks, with the writer's catalog: lateness (``too_late``), undeclared event types
+        (``unknown_event_type``) and each event type's properties (pandera). The envelope was checked
+        before (``decode_item``, or the gateway).
+        """
         by_type: dict[str, list[int]] = defaultdict(list)
         for i, et in enumerate(rows.event_types):
             by_type[et].append(i)
@@ -327,7 +410,7 @@ class MicroBatchWriter:
                 failed.setdefault(idx[local], []).extend(failures)
         for i, failures in failed.items():
             bad.append(
-                _Quarantine(
+                Rejected(
                     rows.ids[i],
                     rows.event_types[i],
                     rows.customer_ids[i],
@@ -350,7 +433,7 @@ class MicroBatchWriter:
 
     def write(self, messages: list[Message], run_id: str | None = None) -> BatchCounts:
         """Decode, validate and commit one micro-batch (steps 2-4); the caller acks afterwards."""
-        rows, bad = _Rows(), list[_Quarantine]()
+        rows, bad = EventRows(), list[Rejected]()
         per_msg_events: dict[int, int] = {}
         for msg in messages:
             _decode_message(msg, rows, bad, per_msg_events)
@@ -369,25 +452,71 @@ class MicroBatchWriter:
                 if q.event_id is not None:
                     seen.add(q.event_id)
                 unique_bad.append(q)
-        valid = self._validate(rows, unique_bad)
-        for attempt in range(5):
-            try:
-                return self._commit(messages, per_msg_events, valid, unique_bad, run_id)
-            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
-                # Two runs upserting the same aggregate rows: nothing was committed, so retry.
-                log.warning("micro-batch rolled back by a deadlock; retrying (attempt %d)", attempt + 1)
-                time.sleep(0.05 * (attempt + 1))
-            except psycopg.OperationalError:
-                self.close()
-                raise
-        raise RuntimeError("micro-batch kept deadlocking; its messages stay un-acked and will be redelivered")
+        valid = self.validate(rows, unique_bad)
+        # Nothing committed on a deadlock: the messages stay un-acked and are redelivered if it persists.
+        return self.retrying(
+            lambda: self._commit(messages, per_msg_events, valid, unique_bad, run_id), "micro-batch"
+        )
+
+    def insert_raw(
+        self, cur: psycopg.Cursor, rows: EventRows, claimed: set[int] | None = None
+    ) -> dict[int, int]:
+        """Step 3b, inside the caller's transaction: insert ``rows`` into ``usage_events``.
+
+        ``ON CONFLICT (id) DO NOTHING``: an id stored before, by any path, is not stored again. The
+        rows newly stored are also left in the temporary table ``new_events`` until the commit, for
+        ``aggregate_new``. Only rows of the ``claimed`` stream sequences are written when given.
+        Returns the number of newly stored events per stream sequence.
+        """
+        cur.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS incoming (LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS new_events (LIKE usage_events) ON COMMIT DELETE ROWS")
+        with cur.copy(
+            "COPY incoming (id, event_type, customer_id, ts, received_at, properties, metadata, stream_seq)"
+            " FROM STDIN"
+        ) as copy:
+            for i in range(len(rows.ids)):
+                if claimed is None or rows.seqs[i] in claimed:
+                    copy.write_row(
+                        (
+                            rows.ids[i],
+                            rows.event_types[i],
+                            rows.customer_ids[i],
+                            rows.timestamps[i],
+                            rows.received[i],
+                            _json.encode(rows.properties[i]).decode(),
+                            _json.encode(rows.metadata[i]).decode(),
+                            rows.seqs[i],
+                        )
+                    )
+        cur.execute(
+            "WITH ins AS (INSERT INTO usage_events SELECT * FROM incoming ORDER BY id"
+            " ON CONFLICT (id) DO NOTHING RETURNING *) INSERT INTO new_events SELECT * FROM ins"
+        )
+        return dict(cur.execute("SELECT stream_seq, count(*) FROM new_events GROUP BY 1").fetchall())
+
+    def aggregate_new(self, conn: psycopg.Connection) -> None:
+        """Step 3d, inside the caller's transaction, after ``insert_raw``: aggregate the new rows only.
+
+        With the *active* meter definitions, share-locked: a meter replay waits for this commit, or
+        this transaction waits for the replay (see ``meter_platform.meters``). A row not newly stored
+        (a duplicate, a redelivery) is never aggregated, so nothing is counted twice.
+        """
+        cur = conn.cursor()
+        types = {r[0] for r in cur.execute("SELECT DISTINCT event_type FROM new_events").fetchall()}
+        if not types:
+            return
+        for meter in active_meters(conn, lock=True):
+            if meter.event_type in types:
+                cur.execute(*aggregate_upsert_sql(meter, "new_events"))
 
     def _commit(
         self,
         messages: list[Message],
         per_msg_events: dict[int, int],
-        rows: _Rows,
-        bad: list[_Quarantine],
+        rows: EventRows,
+        bad: list[Rejected],
         run_id: str | None,
     ) -> BatchCounts:
         conn = self._connection()
@@ -421,37 +550,7 @@ class MicroBatchWriter:
             counts.messages = len(claimed)
             counts.first_seq, counts.last_seq = min(claimed), max(claimed)
             # 3b. Raw events, deduplicated by id against everything stored before.
-            cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS incoming (LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-            )
-            cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS new_events (LIKE usage_events) ON COMMIT DELETE ROWS"
-            )
-            with cur.copy(
-                "COPY incoming (id, event_type, customer_id, ts, received_at, properties, metadata, stream_seq)"
-                " FROM STDIN"
-            ) as copy:
-                for i in range(len(rows.ids)):
-                    if rows.seqs[i] in claimed:
-                        copy.write_row(
-                            (
-                                rows.ids[i],
-                                rows.event_types[i],
-                                rows.customer_ids[i],
-                                rows.timestamps[i],
-                                rows.received[i],
-                                _json.encode(rows.properties[i]).decode(),
-                                _json.encode(rows.metadata[i]).decode(),
-                                rows.seqs[i],
-                            )
-                        )
-            cur.execute(
-                "WITH ins AS (INSERT INTO usage_events SELECT * FROM incoming ORDER BY id"
-                " ON CONFLICT (id) DO NOTHING RETURNING *) INSERT INTO new_events SELECT * FROM ins"
-            )
-            stored: dict[int, int] = dict(
-                cur.execute("SELECT stream_seq, count(*) FROM new_events GROUP BY 1").fetchall()
-            )
+            stored = self.insert_raw(cur, rows, claimed)
             # 3c. Quarantine, unless the id is stored already (then it is a duplicate).
             quarantined: dict[int, int] = {}
             todo = [q for q in bad if q.seq in claimed]
@@ -464,16 +563,17 @@ class MicroBatchWriter:
                     " payload_text, reasons, stream_seq, quarantined_at, status) FROM STDIN"
                 ) as copy:
                     for n, q in enumerate(todo):
+                        payload, payload_text = _storable_payload(q)
                         copy.write_row(
                             (
                                 n,
-                                q.event_id,
-                                q.event_type,
-                                q.customer_id,
+                                _no_nul(q.event_id),
+                                _no_nul(q.event_type),
+                                _no_nul(q.customer_id),
                                 q.ts,
                                 q.received,
-                                None if q.payload is None else _json.encode(q.payload).decode(),
-                                q.payload_text,
+                                payload,
+                                payload_text,
                                 _json.encode([f.as_json() for f in q.reasons]).decode(),
                                 q.seq,
                                 datetime.now().astimezone(),
@@ -492,13 +592,8 @@ class MicroBatchWriter:
                     ).fetchall()
                 )
             # 3d. Aggregates from the newly stored rows only.
-            # The *active* definitions, share-locked: a replay of a meter waits for this commit,
-            # or this batch waits for the replay (see meter_platform.meters).
             if stored:
-                types = {r[0] for r in cur.execute("SELECT DISTINCT event_type FROM new_events").fetchall()}
-                for meter in active_meters(conn, lock=True):
-                    if meter.event_type in types:
-                        cur.execute(*aggregate_upsert_sql(meter, "new_events"))
+                self.aggregate_new(conn)
             # 3e. The ledger: per message and per batch, events = stored + duplicates + quarantined.
             ledger = []
             for seq in sorted(claimed):

@@ -265,3 +265,22 @@ def test_late_events_are_quarantined_as_too_late_and_old_windows_still_count(
         database_url, "SELECT minute FROM usage_minute_aggregates WHERE meter_slug = 'api_calls' ORDER BY 1"
     )
     assert len(minutes) == 2 and minutes[0][0] < datetime.now(UTC) - timedelta(days=33)
+
+
+def test_nul_characters_published_straight_to_nats_are_quarantined_not_wedging(
+    nats_server, database_url, catalog
+):
+    publish(
+        nats_server.url,
+        [
+            api_call("nul-ok"),
+            {"id": "nul\u0000id", "event_type": "api_call", "customer_id": "c1"},
+            {"event_type": "api_call", "customer_id": "c\u0000", "id": "nul-cust"},
+        ],
+    )
+    publish(
+        nats_server.url, b'{"event_type": "api_call", "customer_id": "c1", "properties": {"k": "\\u0000"}}'
+    )
+    counts = run_drain(nats_server.url, database_url, catalog)
+    assert (counts.events, counts.stored, counts.quarantined) == (4, 1, 3)
+    assert backlog(nats_server.url).ack_floor == 2
