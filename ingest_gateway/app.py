@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -60,7 +61,9 @@ _encoder = msgspec.json.Encoder(decimal_format="number")
 #: How long to wait for JetStream's ack (its fsync) before answering 503.
 PUBLISH_TIMEOUT = 5.0
 #: GET /v1/events/{id} looks for a not-yet-processed id among at most this many pending messages.
-PENDING_SCAN_LIMIT = 2_000
+PENDING_SCAN_LIMIT = 500
+#: ... and for at most this long (newest first: a client usually asks about what it just sent).
+PENDING_SCAN_SECONDS = 0.25
 
 
 class ApiError(Exception):
@@ -183,7 +186,10 @@ class Gateway:
         assert self.js is not None
         backlog = await jetstream.backlog(self.js)
         first = backlog.ack_floor + 1
-        for seq in range(max(first, backlog.last_seq - PENDING_SCAN_LIMIT + 1), backlog.last_seq + 1):
+        deadline = time.monotonic() + PENDING_SCAN_SECONDS
+        for seq in range(backlog.last_seq, max(first, backlog.last_seq - PENDING_SCAN_LIMIT + 1) - 1, -1):
+            if time.monotonic() > deadline:
+                break
             try:
                 msg = await self.js.get_msg(STREAM_NAME, seq)
             except NotFoundError:

@@ -433,6 +433,8 @@ class MicroBatchWriter:
 
     def write(self, messages: list[Message], run_id: str | None = None) -> BatchCounts:
         """Decode, validate and commit one micro-batch (steps 2-4); the caller acks afterwards."""
+        if not messages:
+            return BatchCounts()
         rows, bad = EventRows(), list[Rejected]()
         per_msg_events: dict[int, int] = {}
         for msg in messages:
@@ -677,6 +679,8 @@ async def drain(
             except (NatsTimeoutError, TimeoutError):
                 if time.monotonic() - last_seen >= settings.idle_seconds:
                     break
+                continue
+            if not fetched:  # nats-py can return an empty fetch on a stale pull status
                 continue
             last_seen = time.monotonic()
             messages = [_to_message(m) for m in fetched]

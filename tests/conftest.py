@@ -28,6 +28,10 @@ TABLES = (
     "quarantined_events",
     "ingest_messages",
     "ingest_batches",
+    "meter_definitions",
+    "meter_replays",
+    "quality_check_results",
+    "quarantine_replays",
 )
 
 
