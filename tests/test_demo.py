@@ -30,7 +30,7 @@ from meter_platform.events import (
 )
 from meter_platform.servers import free_port
 from meter_platform.validation import validate_event_type
-from tests.helpers import query, run_drain
+from tests.helpers import api_call, publish, query, run_drain
 
 NOW = datetime(2025, 7, 24, 10, 30, 45, 123456, tzinfo=UTC)
 
@@ -197,43 +197,6 @@ def test_expected_sums_are_exact_decimals(catalog):
         expectation.add([storage("s3", 0.5)])  # type: ignore[arg-type]
 
 
-def test_a_503_is_retried_after_retry_after_with_the_same_ids(catalog):
-    bodies: list[bytes] = []
-
-    def gateway(request: httpx.Request) -> httpx.Response:
-        bodies.append(request.content)
-        if len(bodies) % 2:  # every first attempt: the broker could not make the events durable
-            return httpx.Response(
-                503, headers={"Retry-After": "0"}, json={"error": "broker away", "details": []}
-            )
-        return httpx.Response(202, json={"accepted": len(json.loads(request.content)), "ids": []})
-
-    generator = demo.TrafficGenerator("t0k3n", 2)
-    traffic = demo.Traffic(generator, demo.plan_requests(1000, 100, random.Random(2)))
-    expectation = demo.Expectation(catalog.meters)
-
-    async def send() -> demo.SendStats:
-        async with httpx.AsyncClient(base_url="http://gw", transport=httpx.MockTransport(gateway)) as client:
-            return await demo.send_traffic(client, traffic, expectation, concurrency=1)
-
-    stats = asyncio.run(send())
-    assert (stats.requests, stats.retries, stats.accepted) == (22, 11, 1010)
-    assert all(bodies[i] == bodies[i + 1] for i in range(0, len(bodies), 2))  # a retry re-sends the same ids
-    assert (expectation.unique, expectation.duplicates) == (1000, 10)  # counted once, after the 202
-    assert expectation.totals == hand_totals(bodies[1::2])
-
-
-def test_waiting_gives_up_after_the_timeout():
-    def gateway(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"consumer": {"pending": 3}, "events": {"processed": 10}})
-
-    async def wait() -> bool:
-        async with httpx.AsyncClient(base_url="http://gw", transport=httpx.MockTransport(gateway)) as client:
-            return await demo.wait_for_pipeline(client, baseline=0, accepted=10, timeout=0.3, poll=0.05)
-
-    assert asyncio.run(wait()) is False
-
-
 # --- end to end: a real gateway (uvicorn), real JetStream and PostgreSQL ---------------------------
 
 
@@ -322,3 +285,56 @@ def test_meter_demo_says_when_the_gateway_is_not_there(capsys):
     url = f"http://127.0.0.1:{free_port()}"
     assert demo.run_demo(url, events=10, wait=False, out=io.StringIO()).exit_code == 2
     assert "is `meter up` running" in capsys.readouterr().err
+
+
+def test_a_503_is_retried_with_the_same_ids_until_the_stream_has_room(
+    gateway_url, nats_server, database_url, catalog
+):
+    """A full stream makes the real gateway answer 503; the demo retries the same bodies until a drain
+    frees room, and every event is counted once."""
+    from dataclasses import replace as dc_replace
+
+    from meter_platform import jetstream
+
+    async def limit_stream(max_msgs: int) -> None:
+        nc = await jetstream.connect(nats_server.url, name="tests")
+        await nc.jetstream().update_stream(dc_replace(jetstream.stream_config(), max_msgs=max_msgs))
+        await nc.close()
+
+    asyncio.run(limit_stream(2))
+    generator = demo.TrafficGenerator("full0", 3)
+    traffic = demo.Traffic(generator, demo.plan_requests(600, 100, random.Random(3)))
+    expectation = demo.Expectation(catalog.meters)
+    stop = threading.Event()
+
+    def drain_until_stopped() -> None:  # the pipeline, freeing room in the stream as it commits
+        while not stop.is_set():
+            run_drain(nats_server.url, database_url, catalog)
+
+    async def send() -> demo.SendStats:
+        async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as client:
+            return await demo.send_traffic(client, traffic, expectation, concurrency=2)
+
+    drainer = threading.Thread(target=drain_until_stopped)
+    try:
+        drainer.start()  # the stream fills after two messages: senders meet 503s until it commits
+        stats = asyncio.run(send())
+    finally:
+        stop.set()
+        drainer.join(60)
+        asyncio.run(limit_stream(-1))
+    run_drain(nats_server.url, database_url, catalog)
+    assert stats.retries > 0, "the stream limit never produced a 503"
+    assert stats.accepted == expectation.unique + expectation.duplicates
+    assert stored_totals(database_url, set(generator.customer_ids)) == expectation.totals
+
+
+def test_waiting_gives_up_when_the_pipeline_does_not_count(gateway_url, nats_server):
+    """Nothing drains here: the real ingest status keeps showing pending events, so waiting times out."""
+    publish(nats_server.url, [api_call("never-drained")])
+
+    async def wait() -> bool:
+        async with httpx.AsyncClient(base_url=gateway_url) as client:
+            return await demo.wait_for_pipeline(client, baseline=0, accepted=1, timeout=0.5, poll=0.1)
+
+    assert asyncio.run(wait()) is False
