@@ -187,6 +187,29 @@ def _database_url() -> str:
     return url
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from meter_platform import db
+    from meter_platform.catalog import load_catalog
+    from meter_platform.meters import requested_changes
+    from meter_platform.replay import format_report, replay_meter
+
+    catalog = load_catalog(load_settings().catalog_dir)
+    with db.connect(_database_url(), autocommit=True) as conn:
+        try:
+            changes = requested_changes(catalog, conn, args.meters, rebuild=True)
+        except ValueError as exc:
+            print(f"meter replay: {exc}", file=sys.stderr)
+            return 2
+        if not changes:
+            print("every meter is active as meters.yaml defines it; name meters to rebuild them anyway")
+            return 0
+        for change in changes:
+            print(f"replaying {change.slug} ({change.kind}) ...", flush=True)
+            report = replay_meter(conn, change, progress=lambda line: print(f"  {line}", flush=True))
+            print(format_report(report))
+    return 0
+
+
 def cmd_quarantine_replay(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -317,6 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--chunk-size", type=int, default=500, help="events per transaction (default 500)")
     q.add_argument("--top", type=int, default=5, help="how many reasons to list for the rest (default 5)")
     q.set_defaults(func=cmd_quarantine_replay)
+    p = sub.add_parser(
+        "replay",
+        help="make meters.yaml's changes active, or rebuild named meters, from the stored raw events",
+        description="Without arguments, replays every meter that meters.yaml added, changed or removed (what "
+        "`meter up` and the Dagster sensor do). With meter slugs, rebuilds those meters' aggregates from the raw "
+        "events even when unchanged (e.g. after the reconciliation check found damaged windows). Reports old "
+        "against new values per customer.",
+    )
+    p.add_argument("meters", nargs="*", help="meter slugs to rebuild")
+    p.set_defaults(func=cmd_replay)
     p = sub.add_parser("migrate", help="apply database migrations to METER_DATABASE_URL")
     p.set_defaults(func=cmd_migrate)
     return parser

@@ -142,7 +142,8 @@ def active_meters(conn: psycopg.Connection, *, lock: bool = False) -> list[Meter
 
 @dataclass(frozen=True)
 class MeterChange:
-    """A meter whose active definition differs from the catalog's (new, changed or removed)."""
+    """A meter whose active definition differs from the catalog's (new, changed or removed), or one
+    whose aggregates an operator asked to rebuild as they are."""
 
     slug: str
     old: Meter | None
@@ -150,8 +151,37 @@ class MeterChange:
 
     @property
     def kind(self) -> str:
-        """``added``, ``changed`` or ``removed``."""
-        return "added" if self.old is None else "removed" if self.new is None else "changed"
+        """``added``, ``changed``, ``removed`` or ``rebuilt`` (same definition, aggregates recomputed)."""
+        if self.old is None:
+            return "added"
+        if self.new is None:
+            return "removed"
+        return "rebuilt" if definition_hash(self.old) == definition_hash(self.new) else "changed"
+
+
+def requested_changes(
+    catalog: Catalog, conn: psycopg.Connection, slugs: list[str] | None = None, rebuild: bool = False
+) -> list[MeterChange]:
+    """The pending changes (all, or those of ``slugs``); with ``rebuild``, also the named meters whose
+    definition did not change, so their aggregates are recomputed from raw events (e.g. after the
+    reconciliation check found a damaged window). Unknown slugs raise ValueError."""
+    changes = {c.slug: c for c in pending_changes(catalog, conn)}
+    if not slugs:
+        return list(changes.values())
+    active = {m.slug: m for m in active_meters(conn)}
+    wanted = {m.slug: m for m in catalog.meters}
+    unknown = [s for s in slugs if s not in active and s not in wanted]
+    if unknown:
+        raise ValueError(
+            f"no meter {', '.join(map(repr, unknown))} in the catalog or among the active meters"
+        )
+    out = []
+    for slug in slugs:
+        if slug in changes:
+            out.append(changes[slug])
+        elif rebuild:
+            out.append(MeterChange(slug, active.get(slug), wanted.get(slug)))
+    return out
 
 
 def pending_changes(catalog: Catalog, conn: psycopg.Connection) -> list[MeterChange]:

@@ -161,7 +161,7 @@ def reconcile_aggregates(
         description = (
             f"{len(mismatches)} of {compared} closed minute windows differ from a recomputation from raw "
             f"events (first: meter {mismatches[0]['meter']}, minute {mismatches[0]['minute']}, customer "
-            f"{mismatches[0]['customer_id']}); replay the meter to rebuild them"
+            f"{mismatches[0]['customer_id']}); rebuild with `meter replay {mismatches[0]['meter']}`"
         )
     else:
         description = f"{compared} closed minute windows of {len(meters)} meters equal their raw events"

@@ -54,3 +54,30 @@ def test_usage_and_status_from_the_terminal(gateway_url, nats_server, database_u
     assert main(["status", "--gateway", gateway_url]) == 0
     status = capsys.readouterr().out
     assert "events processed 3 = stored 2 + duplicates 1 + quarantined 0  (balanced)" in status
+
+
+def test_replay_rebuilds_a_damaged_meter_and_reports_the_difference(
+    clean, nats_server, database_url, catalog, capsys, monkeypatch
+):
+    from meter_platform import db, quality
+    from meter_platform.meters import active_meters
+
+    publish(nats_server.url, [api_call("d1"), api_call("d2"), api_call("d3", customer="c2")])
+    run_drain(nats_server.url, database_url, catalog)
+    with db.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE usage_minute_aggregates SET event_count = event_count + 5"
+            " WHERE meter_slug = 'api_calls' AND customer_id = 'c1'"
+        )
+        assert not quality.reconcile_aggregates(conn, active_meters(conn), quality.QualitySettings()).passed
+    monkeypatch.setenv("METER_DATABASE_URL", database_url)
+
+    assert main(["replay"]) == 0
+    assert "every meter is active" in capsys.readouterr().out
+    assert main(["replay", "nope"]) == 2
+    assert main(["replay", "api_calls"]) == 0
+    out = capsys.readouterr().out
+    assert "meter api_calls rebuilt: 3 events re-aggregated; 1 of 2 customers changed" in out
+    assert "c1: 7 -> 2" in out
+    with db.connect(database_url) as conn:
+        assert quality.reconcile_aggregates(conn, active_meters(conn), quality.QualitySettings()).passed

@@ -4,14 +4,19 @@ from dagster import AssetKey, AssetMaterialization, Config, MetadataValue, OpExe
 
 from meter_platform import db
 from meter_platform.defs.resources import CatalogResource, PostgresResource
-from meter_platform.meters import pending_changes
+from meter_platform.meters import requested_changes
 from meter_platform.replay import ReplayReport, format_report, replay_meter
 
 
 class ReplayConfig(Config):
-    """Which meters to replay; empty means every meter whose catalog definition is not active."""
+    """Which meters to replay; empty means every meter whose catalog definition is not active.
+
+    ``rebuild: true`` also recomputes the named meters whose definition did not change (after the
+    reconciliation check reported damaged windows, say).
+    """
 
     slugs: list[str] = []  # noqa: RUF012 - a pydantic field: each config gets its own copy
+    rebuild: bool = False
 
 
 def _changes_table(report: ReplayReport, limit: int = 50) -> str:
@@ -27,9 +32,7 @@ def replay_meters(
 ) -> None:
     """Replay each requested (or pending) meter change in its own transaction."""
     with db.connect(postgres.url, autocommit=True) as conn:
-        changes = pending_changes(catalog.load(), conn)
-        if config.slugs:
-            changes = [c for c in changes if c.slug in config.slugs]
+        changes = requested_changes(catalog.load(), conn, config.slugs, rebuild=config.rebuild)
         if not changes:
             context.log.info("every meter is active as the catalog defines it; nothing to replay")
         for n, change in enumerate(changes, 1):
