@@ -369,7 +369,10 @@ def expectation_checks(database_url: str, catalog: Catalog, settings: QualitySet
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # no bars in run logs
     source = context.data_sources.add_postgres(
         "meter", connection_string=sqlalchemy_url(database_url, driver="psycopg2")
     )
