@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import functools
 import json
 import os
@@ -46,7 +45,7 @@ import psycopg
 
 from meter_platform import db, jetstream
 from meter_platform.config import EVENTS_SUBJECT_PREFIX, STREAM_NAME
-from meter_platform.servers import Server, free_port, nats_server_binary, start_nats, start_postgres
+from meter_platform.servers import Server, free_port, nats_server_binary, spawn, start_nats, start_postgres
 
 try:  # psutil comes with the platform's dependencies; without it the CPU columns stay empty
     import psutil
@@ -128,25 +127,6 @@ class EventFactory:
 
 
 # --- processes ----------------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """In a child: get SIGTERM when the benchmark dies, even by SIGKILL (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-
-
-def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
 
 
 def _stop_process(proc: subprocess.Popen | None, timeout: float = 15) -> None:
@@ -244,7 +224,7 @@ class Stack:
             "--workers",
             str(self.args.gateway_workers),
         ]
-        self.gateway = _spawn(cmd, self.tmp / "gateway.log", self.env)
+        self.gateway = spawn(cmd, self.tmp / "gateway.log", env=self.env)
         deadline = time.monotonic() + 60
         while True:
             if self.gateway.poll() is not None:
@@ -279,7 +259,7 @@ class Stack:
             "--stats-file",
             str(stats_file),
         ]
-        self.drain = _spawn(cmd, self.tmp / "drain.log", self.env)
+        self.drain = spawn(cmd, self.tmp / "drain.log", env=self.env)
 
     def pids(self) -> dict[str, int]:
         """The processes whose CPU is reported."""

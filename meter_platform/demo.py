@@ -38,7 +38,7 @@ import msgspec
 from tqdm import tqdm
 
 from meter_platform.catalog import Catalog, Meter
-from meter_platform.events import datetime_to_us, format_timestamp
+from meter_platform.events import datetime_to_us, format_timestamp, property_at
 
 #: Requests in flight at once: enough to keep the gateway's JetStream publishes (each an fsync) busy.
 CONCURRENCY = 8
@@ -395,15 +395,6 @@ class Traffic:
 # --- what the meters must show ----------------------------------------------------------------------
 
 
-def _lookup(properties: dict[str, Any], path: str) -> Any:
-    value: Any = properties
-    for part in path.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
-
-
 def _same(a: Any, b: Any) -> bool:
     # True == 1 in Python, but not in a meter's filter: a boolean only matches a boolean.
     return a == b and isinstance(a, bool) == isinstance(b, bool)
@@ -446,14 +437,14 @@ class Expectation:
             properties = event.get("properties") or {}
             for meter in self._by_type.get(event["event_type"], ()):
                 if not all(
-                    any(_same(_lookup(properties, key), v) for v in values)
+                    any(_same(property_at(properties, key), v) for v in values)
                     for key, values in meter.filter.items()
                 ):
                     continue
                 if meter.aggregation == "count":
                     self.totals[meter.slug] += 1
                 else:
-                    value = _lookup(properties, meter.value_property or "")
+                    value = property_at(properties, meter.value_property or "")
                     if _numeric(value):  # the platform ignores a missing or non-numeric value in a sum
                         self.totals[meter.slug] += Decimal(value)
 

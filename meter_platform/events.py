@@ -61,6 +61,16 @@ _batch_decoder = msgspec.json.Decoder(GatewayBatch)
 _encoder = msgspec.json.Encoder()
 
 
+def property_at(properties: dict[str, Any], path: str) -> Any:
+    """The value at a dotted ``path`` in an event's properties (None when absent)."""
+    value: Any = properties
+    for part in path.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
 def now_us() -> int:
     """The current time in microseconds since the epoch."""
     return time.time_ns() // 1000

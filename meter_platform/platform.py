@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from meter_platform import db, jetstream
 from meter_platform.catalog import load_catalog
 from meter_platform.config import PACKAGE_DIR, Settings, load_settings
 from meter_platform.replay import format_report, sync_meters
-from meter_platform.servers import Server, port_is_free, start_nats, start_postgres, wait_for_port
+from meter_platform.servers import Server, port_is_free, spawn, start_nats, start_postgres, wait_for_port
 from meter_platform.validation import validate_catalog_types
 
 RUNTIME_FILE = "runtime.json"
@@ -58,16 +57,7 @@ class Platform:
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> Server:
         log = self.settings.data_dir / "logs" / f"{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
+        proc = spawn(cmd, log, env=env)
         server = Server(name, proc, "", log)
         self.servers.append(server)
         return server

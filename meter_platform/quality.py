@@ -368,7 +368,6 @@ def expectation_checks(database_url: str, catalog: Catalog, settings: QualitySet
     """
     import great_expectations as gx
     import great_expectations.expectations as gxe
-
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")

@@ -92,7 +92,8 @@ class Server:
             self.process.wait()
 
 
-def _spawn(cmd: list[str], log: Path, death_signal: int, **kwargs) -> subprocess.Popen:
+def spawn(cmd: list[str], log: Path, death_signal: int = signal.SIGTERM, **kwargs) -> subprocess.Popen:
+    """Start a child in its own session, output appended to ``log``, told to exit when we die."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         return subprocess.Popen(
@@ -133,7 +134,7 @@ def start_nats(store_dir: Path, host: str = "127.0.0.1", port: int | None = None
         f'jetstream {{\n  store_dir: "{store_dir}"\n  sync_interval: always\n}}\n'
     )
     log = store_dir / "nats-server.log"
-    proc = _spawn([nats_server_binary(), "-c", str(conf)], log, signal.SIGTERM)
+    proc = spawn([nats_server_binary(), "-c", str(conf)], log, signal.SIGTERM)
     wait_for_port(host, port, proc, "nats-server", log)
     return Server("nats", proc, f"nats://{host}:{port}", log)
 
@@ -231,7 +232,7 @@ def start_postgres(
         "max_wal_size": "2GB",
     }
     options = [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]
-    proc = _spawn(
+    proc = spawn(
         [str(bin_dir / "postgres"), "-D", str(data_dir), "-h", host, "-p", str(port), "-k", "", *options],
         log,
         signal.SIGINT,

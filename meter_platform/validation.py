@@ -17,7 +17,7 @@ import pandera.polars as pa
 import polars as pl
 
 from meter_platform.catalog import Catalog, EventTypeSpec, PropertySpec
-from meter_platform.events import parse_timestamp
+from meter_platform.events import parse_timestamp, property_at
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 #: JSON value types that need no conversion, per property type (anything else goes through _typed).
@@ -109,15 +109,6 @@ def _compile(spec: EventTypeSpec) -> _Compiled:
     return _Compiled(schema, checks, spec.properties)
 
 
-def _lookup(properties: dict[str, Any], path: str) -> Any:
-    value: Any = properties
-    for part in path.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
-
-
 def _typed(ptype: str, value: Any) -> tuple[Any, str | None]:
     """``(typed value, None)`` or ``(None, error message)`` for one property value."""
     if ptype == "string":
@@ -163,7 +154,7 @@ def validate_event_type(
     for prop in compiled.properties:
         col = _column_name(prop.name)
         if "." in prop.name:
-            values = [_lookup(p, prop.name) for p in properties]
+            values = [property_at(p, prop.name) for p in properties]
         else:
             values = [p.get(prop.name) for p in properties]
         # One cheap pass finds the values of the wrong JSON type; only those go through _typed.

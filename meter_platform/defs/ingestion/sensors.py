@@ -20,7 +20,7 @@ MAX_CONCURRENT_RUNS = int(os.environ.get("METER_MAX_INGEST_RUNS", "2"))
 #: With one run already draining, start a second only when this many messages are undelivered.
 SCALE_OUT_BACKLOG = int(os.environ.get("METER_SCALE_OUT_BACKLOG", "2000"))
 # NOT_STARTED is left out on purpose: a run whose submission failed stays there forever.
-_ACTIVE = [DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+ACTIVE_RUN_STATUSES = [DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
 
 
 @sensor(
@@ -34,7 +34,7 @@ def jetstream_backlog_sensor(context: SensorEvaluationContext, nats: NatsResourc
     backlog = nats.backlog()
     waiting = backlog.pending + backlog.ack_pending
     active = context.instance.get_runs_count(
-        RunsFilter(job_name=ingest_microbatch_job.name, statuses=_ACTIVE)
+        RunsFilter(job_name=ingest_microbatch_job.name, statuses=ACTIVE_RUN_STATUSES)
     )
     context.update_cursor(str(backlog.last_seq))
     if waiting == 0:

@@ -1,7 +1,6 @@
 """The sensor that notices a changed catalog and launches a replay of the meters it changed."""
 
 from dagster import (
-    DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
     RunsFilter,
@@ -12,11 +11,10 @@ from dagster import (
 
 from meter_platform import db
 from meter_platform.catalog import CatalogError
+from meter_platform.defs.ingestion.sensors import ACTIVE_RUN_STATUSES
 from meter_platform.defs.resources import CatalogResource, PostgresResource
 from meter_platform.defs.usage.jobs import meter_replay_job
 from meter_platform.meters import pending_changes
-
-_ACTIVE = [DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
 
 
 @sensor(
@@ -37,7 +35,9 @@ def meter_catalog_sensor(
         changes = pending_changes(wanted, conn)
     if not changes:
         return SkipReason("every meter is active as the catalog defines it")
-    if context.instance.get_runs_count(RunsFilter(job_name=meter_replay_job.name, statuses=_ACTIVE)):
+    if context.instance.get_runs_count(
+        RunsFilter(job_name=meter_replay_job.name, statuses=ACTIVE_RUN_STATUSES)
+    ):
         return SkipReason(f"{len(changes)} meter change(s) pending; a replay is already running")
     slugs = [c.slug for c in changes]
     return RunRequest(
