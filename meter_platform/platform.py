@@ -114,7 +114,14 @@ def up() -> int:
             platform.servers.append(pg)
             database_url = pg.url
         dagster_db = dagster_database_url(database_url)
-        db.ensure_database(dagster_db)
+        for url in (database_url, dagster_db):
+            try:
+                db.ensure_database(url)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"cannot reach or create the database {url} ({exc}). Check METER_DATABASE_URL "
+                    "(postgresql://user:password@host:port/dbname), or create the database and grant CREATE."
+                ) from exc
         applied = db.migrate(database_url)
         _say(
             f"database schema up to date ({'applied migrations ' + str(applied) if applied else 'no new migrations'})"
@@ -122,7 +129,12 @@ def up() -> int:
         # Meters added or changed in meters.yaml since the last start become active here, their
         # aggregates rebuilt from the stored raw events (the Dagster sensor does it while running).
         with db.connect(database_url, autocommit=True) as conn:
-            for report in sync_meters(conn, catalog, progress=_say):
+            reports = sync_meters(conn, catalog, progress=_say)
+        fresh = [r.slug for r in reports if r.kind == "added" and not r.events]
+        if fresh:
+            _say(f"activated {len(fresh)} new meter(s): {', '.join(fresh)}")
+        for report in reports:
+            if report.slug not in fresh:
                 _say(format_report(report, limit=5))
 
         async def prepare_stream() -> None:
