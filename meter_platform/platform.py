@@ -58,7 +58,7 @@ class Platform:
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> Server:
         log = self.settings.data_dir / "logs" / f"{name}.log"
         proc = spawn(cmd, log, env=env)
-        server = Server(name, proc, "", log)
+        server = Server(name, proc, "", log, whole_group=True)
         self.servers.append(server)
         return server
 

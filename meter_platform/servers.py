@@ -79,16 +79,28 @@ class Server:
     url: str
     log: Path
     stop_signal: int = signal.SIGTERM
+    # Signal the whole process group (the child runs in its own session): Dagster's webserver and
+    # daemon start code servers and runs of their own, which must not outlive them.
+    whole_group: bool = False
+
+    def _signal(self, sig: int) -> None:
+        try:
+            if self.whole_group:
+                os.killpg(self.process.pid, sig)
+            else:
+                self.process.send_signal(sig)
+        except ProcessLookupError:
+            pass
 
     def stop(self, timeout: float = 20) -> None:
         """Ask the server to shut down cleanly; kill it if it does not within ``timeout``."""
-        if self.process.poll() is not None:
+        if self.process.poll() is not None and not self.whole_group:
             return
-        self.process.send_signal(self.stop_signal)
+        self._signal(self.stop_signal)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            self._signal(signal.SIGKILL)
             self.process.wait()
 
 
