@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import datetime
 
 import nats
 from nats.aio.client import Client
@@ -90,6 +91,14 @@ async def ensure_stream_and_consumer(js: JetStreamContext) -> None:
         await js.add_consumer(STREAM_NAME, consumer_config())
 
 
+async def stream_incarnation(js: JetStreamContext) -> datetime:
+    """When the stream was created: with the sequence, it identifies a message across re-creations."""
+    created = (await js.stream_info(STREAM_NAME)).created
+    if created is None:
+        raise RuntimeError(f"JetStream did not report when stream {STREAM_NAME} was created")
+    return created if isinstance(created, datetime) else datetime.fromisoformat(str(created))
+
+
 @dataclass(frozen=True)
 class Backlog:
     """What the stream holds and how far the consumer is."""
@@ -99,6 +108,7 @@ class Backlog:
     pending: int
     ack_pending: int
     ack_floor: int
+    stream_created: datetime | None = None
 
 
 async def backlog(js: JetStreamContext) -> Backlog:
@@ -111,4 +121,5 @@ async def backlog(js: JetStreamContext) -> Backlog:
         pending=consumer.num_pending or 0,
         ack_pending=consumer.num_ack_pending or 0,
         ack_floor=consumer.ack_floor.stream_seq if consumer.ack_floor else 0,
+        stream_created=stream.created if isinstance(stream.created, datetime) else None,
     )

@@ -6,7 +6,8 @@ This is where the platform's delivery guarantee is made. For each micro-batch, i
    from here to step 5 leaves them un-acked, and JetStream redelivers them after ``ack_wait``.
 2. **Decode and validate** in memory (gateway batches and directly published events alike).
 3. **Write, in one PostgreSQL transaction**:
-   a. claim each message's stream sequence in the ledger (``ingest_messages``, primary key). A
+   a. claim each message's stream sequence in the ledger (``ingest_messages``, keyed by the
+      stream's creation time and the sequence, since a re-created stream restarts at 1). A
       sequence already there was committed before (a redelivery after a crash between commit and
       ack, or a second run holding the same message): it is skipped whole, so it adds nothing;
    b. insert raw events ``ON CONFLICT (id) DO NOTHING``: an id already stored is a duplicate,
@@ -34,7 +35,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import msgspec
@@ -55,7 +56,7 @@ from meter_platform.events import (
     parse_timestamp,
     us_to_datetime,
 )
-from meter_platform.jetstream import connect, ensure_stream_and_consumer
+from meter_platform.jetstream import connect, ensure_stream_and_consumer, stream_incarnation
 from meter_platform.meters import active_meters, aggregate_upsert_sql
 from meter_platform.validation import Failure, validate_event_type
 
@@ -71,6 +72,10 @@ _json = msgspec.json.Encoder()
 T = TypeVar("T")
 
 
+#: The stream incarnation of messages whose stream's creation time is not known (tests, tools).
+STREAM_CREATED_UNKNOWN = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 @dataclass(frozen=True)
 class Message:
     """A JetStream message as the pipeline needs it."""
@@ -80,6 +85,8 @@ class Message:
     data: bytes
     headers: dict[str, str] | None
     timestamp_us: int  # when JetStream stored it
+    # When the stream was created: sequences restart at 1 in a stream created again.
+    stream_created: datetime = STREAM_CREATED_UNKNOWN
 
 
 @dataclass
@@ -533,20 +540,23 @@ class MicroBatchWriter:
         with conn.transaction():
             cur = conn.cursor()
             # 3a. Claim the messages; rows that already exist belong to an earlier commit.
+            # One fetch comes from one stream incarnation.
+            stream_created = messages[0].stream_created
             batch_id = _one(
                 cur.execute(
-                    "INSERT INTO ingest_batches (run_id, first_seq, last_seq, messages, events, stored, duplicates,"
-                    " quarantined) VALUES (%s, %s, %s, 0, 0, 0, 0, 0) RETURNING batch_id",
-                    (run_id, seqs[0], seqs[-1]),
+                    "INSERT INTO ingest_batches (run_id, stream_created, first_seq, last_seq, messages, events, stored,"
+                    " duplicates, quarantined) VALUES (%s, %s, %s, %s, 0, 0, 0, 0, 0) RETURNING batch_id",
+                    (run_id, stream_created, seqs[0], seqs[-1]),
                 )
             )
             claimed = {
                 r[0]
                 for r in cur.execute(
-                    "INSERT INTO ingest_messages (stream_seq, batch_id, subject, events, stored, duplicates,"
-                    " quarantined) SELECT s, %s, j, 0, 0, 0, 0 FROM unnest(%s::bigint[], %s::text[]) AS t(s, j)"
-                    " ON CONFLICT (stream_seq) DO NOTHING RETURNING stream_seq",
-                    (batch_id, seqs, [subjects[s] for s in seqs]),
+                    "INSERT INTO ingest_messages (stream_created, stream_seq, batch_id, subject, events, stored,"
+                    " duplicates, quarantined) SELECT %s, s, %s, j, 0, 0, 0, 0"
+                    " FROM unnest(%s::bigint[], %s::text[]) AS t(s, j)"
+                    " ON CONFLICT (stream_created, stream_seq) DO NOTHING RETURNING stream_seq",
+                    (stream_created, batch_id, seqs, [subjects[s] for s in seqs]),
                 ).fetchall()
             }
             counts.redelivered = len(seqs) - len(claimed)
@@ -613,8 +623,8 @@ class MicroBatchWriter:
             cur.execute(
                 "UPDATE ingest_messages m SET events = t.e, stored = t.s, duplicates = t.d, quarantined = t.q"
                 " FROM unnest(%s::bigint[], %s::int[], %s::int[], %s::int[], %s::int[]) AS t(seq, e, s, d, q)"
-                " WHERE m.stream_seq = t.seq",
-                [list(col) for col in zip(*ledger, strict=True)],
+                " WHERE m.stream_seq = t.seq AND m.stream_created = %s",
+                [*(list(col) for col in zip(*ledger, strict=True)), stream_created],
             )
             cur.execute(
                 "UPDATE ingest_batches SET first_seq = %s, last_seq = %s, messages = %s, events = %s, stored = %s,"
@@ -644,7 +654,7 @@ class DrainSettings:
     idle_seconds: float = 5.0  # stop after this long with nothing to fetch
 
 
-def _to_message(msg: Any) -> Message:
+def _to_message(msg: Any, stream_created: datetime) -> Message:
     meta = msg.metadata
     return Message(
         seq=meta.sequence.stream,
@@ -652,6 +662,7 @@ def _to_message(msg: Any) -> Message:
         data=msg.data,
         headers=msg.headers,
         timestamp_us=datetime_to_us(meta.timestamp) if meta.timestamp else now_us(),
+        stream_created=stream_created,
     )
 
 
@@ -676,6 +687,7 @@ async def drain(
     try:
         js = nc.jetstream()
         await ensure_stream_and_consumer(js)
+        stream_created = await stream_incarnation(js)
         sub = await js.pull_subscribe_bind(CONSUMER_NAME, STREAM_NAME)
         started = last_seen = time.monotonic()
         while time.monotonic() - started < settings.max_seconds:
@@ -688,7 +700,7 @@ async def drain(
             if not fetched:  # nats-py can return an empty fetch on a stale pull status
                 continue
             last_seen = time.monotonic()
-            messages = [_to_message(m) for m in fetched]
+            messages = [_to_message(m, stream_created) for m in fetched]
             # Steps 2-4, off the event loop so the NATS connection stays responsive.
             counts = await asyncio.to_thread(writer.write, messages, run_id)
             if crash_after_commit:

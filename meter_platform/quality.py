@@ -181,14 +181,16 @@ def reconcile_aggregates(
     )
 
 
-def ledger_continuity(conn: psycopg.Connection, ack_floor: int) -> CheckOutcome:
-    """Every JetStream sequence the consumer acked (1..ack_floor) is in the ledger, none missing.
+def ledger_continuity(conn: psycopg.Connection, ack_floor: int, stream_created: datetime) -> CheckOutcome:
+    """Every JetStream sequence the consumer acked (1..ack_floor) of the current stream (created at
+    ``stream_created``) is in the ledger, none missing, each balanced.
 
     A missing sequence is a message that was acked without being committed: events lost.
     """
     row = conn.execute(
-        "SELECT count(*), coalesce(max(stream_seq), 0) FROM ingest_messages WHERE stream_seq <= %s",
-        (ack_floor,),
+        "SELECT count(*), coalesce(max(stream_seq), 0) FROM ingest_messages"
+        " WHERE stream_created = %s AND stream_seq <= %s",
+        (stream_created, ack_floor),
     ).fetchone()
     present, _ = row if row else (0, 0)
     missing = ack_floor - int(present)
@@ -196,12 +198,12 @@ def ledger_continuity(conn: psycopg.Connection, ack_floor: int) -> CheckOutcome:
         """
         SELECT prev + 1 AS gap_start, stream_seq - 1 AS gap_end FROM (
             SELECT stream_seq, coalesce(lag(stream_seq) OVER (ORDER BY stream_seq), 0) AS prev
-            FROM ingest_messages WHERE stream_seq <= %(floor)s
+            FROM ingest_messages WHERE stream_created = %(created)s AND stream_seq <= %(floor)s
             UNION ALL SELECT %(floor)s + 1, (SELECT coalesce(max(stream_seq), 0) FROM ingest_messages
-                                             WHERE stream_seq <= %(floor)s)
+                                             WHERE stream_created = %(created)s AND stream_seq <= %(floor)s)
         ) s WHERE stream_seq - prev > 1 ORDER BY 1 LIMIT 10
         """,
-        {"floor": ack_floor},
+        {"floor": ack_floor, "created": stream_created},
     ).fetchall()
     unbalanced = conn.execute(
         "SELECT count(*) FROM ingest_messages WHERE events <> stored + duplicates + quarantined"
@@ -226,6 +228,7 @@ def ledger_continuity(conn: psycopg.Connection, ack_floor: int) -> CheckOutcome:
         description,
         {
             "ack_floor": ack_floor,
+            "stream_created": stream_created.isoformat(),
             "missing_sequences": missing,
             "gaps": [list(g) for g in gaps],
             "unbalanced_messages": bad_rows,

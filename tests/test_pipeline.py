@@ -284,3 +284,25 @@ def test_nul_characters_published_straight_to_nats_are_quarantined_not_wedging(
     counts = run_drain(nats_server.url, database_url, catalog)
     assert (counts.events, counts.stored, counts.quarantined) == (4, 1, 3)
     assert backlog(nats_server.url).ack_floor == 2
+
+
+def test_a_recreated_stream_restarting_at_sequence_1_loses_nothing(nats_server, database_url, catalog):
+    """The ledger keys messages by stream incarnation: the new stream's message 1 is not mistaken for
+    the old stream's message 1 (which would skip its events)."""
+    publish(nats_server.url, [api_call("old-1"), api_call("old-2")])
+    run_drain(nats_server.url, database_url, catalog)
+    asyncio.run(_recreate_stream(nats_server.url))  # the database keeps its ledger
+    publish(nats_server.url, [api_call("new-1"), api_call("new-2"), api_call("old-1")])
+    assert backlog(nats_server.url).last_seq == 1
+    counts = run_drain(nats_server.url, database_url, catalog)
+    assert (counts.messages, counts.redelivered, counts.stored, counts.duplicates) == (1, 0, 2, 1)
+    assert api_calls_count(database_url) == 4
+    assert scalar(database_url, "SELECT count(DISTINCT stream_created) FROM ingest_messages") == 2
+
+
+async def _recreate_stream(url: str) -> None:
+    nc = await jetstream.connect(url, name="tests")
+    js = nc.jetstream()
+    await js.delete_stream(STREAM_NAME)
+    await jetstream.ensure_stream_and_consumer(js)
+    await nc.close()

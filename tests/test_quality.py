@@ -67,7 +67,8 @@ def test_reconciliation_catches_a_lost_aggregate_row(nats_server, database_url, 
 def test_ledger_continuity_catches_a_message_acked_without_being_stored(nats_server, database_url, catalog):
     ingest(nats_server.url, database_url, catalog, [api_call("c1")])
     with db.connect(database_url) as conn:
-        assert quality.ledger_continuity(conn, backlog(nats_server.url).ack_floor).passed
+        state = backlog(nats_server.url)
+        assert quality.ledger_continuity(conn, state.ack_floor, state.stream_created).passed
 
     publish(nats_server.url, [api_call("lost-1"), api_call("lost-2")])
 
@@ -79,10 +80,10 @@ def test_ledger_continuity_catches_a_message_acked_without_being_stored(nats_ser
         await nc.close()
 
     asyncio.run(ack_without_storing())
-    floor = backlog(nats_server.url).ack_floor
-    assert floor == 2
+    state = backlog(nats_server.url)
+    assert state.ack_floor == 2
     with db.connect(database_url) as conn:
-        outcome = quality.ledger_continuity(conn, floor)
+        outcome = quality.ledger_continuity(conn, state.ack_floor, state.stream_created)
     assert not outcome.passed and outcome.severity == "ERROR"
     assert outcome.metadata["missing_sequences"] == 1 and outcome.metadata["gaps"] == [[2, 2]]
 

@@ -59,14 +59,16 @@ def evaluate_all(
     """Every check, in a fixed order; reconciliation reads one consistent snapshot."""
     settings = quality.QualitySettings.from_env()
     catalog = catalog_resource.load()
-    ack_floor = nats.backlog().ack_floor
+    backlog = nats.backlog()
+    if backlog.stream_created is None:
+        raise RuntimeError("JetStream did not report when the events stream was created")
     with db.connect(database_url) as conn:
         conn.read_only = True
         conn.isolation_level = db.psycopg.IsolationLevel.REPEATABLE_READ
         meters = active_meters(conn)
         outcomes = [
             quality.reconcile_aggregates(conn, meters, settings),
-            quality.ledger_continuity(conn, ack_floor),
+            quality.ledger_continuity(conn, backlog.ack_floor, backlog.stream_created),
             quality.freshness(conn, meters, settings),
             quality.volume_anomaly(conn, meters, settings),
             *quality.ingest_rates(conn, settings),
