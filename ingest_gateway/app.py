@@ -157,7 +157,9 @@ class Gateway:
                 503,
                 "Events could not be made durable (broker unavailable or stream full); "
                 "nothing is guaranteed stored. Retry with the same ids.",
-                [{"reason": detail}],
+                # The ids (made here for events sent without one) let a retry be recognised: part of
+                # a split request may have been stored before the failure.
+                [{"reason": detail, "ids": [e.id for e in events]}],
                 headers={"Retry-After": "1"},
             ) from exc
         log.debug("stored %d events in %d message(s), last seq %s", len(events), len(acks), acks[-1].seq)

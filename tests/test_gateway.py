@@ -427,9 +427,11 @@ def test_503_when_the_stream_is_full_and_nothing_accepted_is_lost(client, nats_s
     asyncio.run(_limit_stream(nats_server.url, 2))
     assert post(client, [api_call("f1"), api_call("f2")]).status_code == 202
     assert post(client, api_call("f3")).status_code == 202
-    response = post(client, [api_call("f4"), api_call("f5")])
+    response = post(client, [api_call("f4"), api_call(None)])
     assert_error_shape(response, 503)
     assert_retry_after(response)
+    ids = response.json()["details"][0]["ids"]  # a retry can reuse them, the generated one included
+    assert ids[0] == "f4" and uuid.UUID(ids[1]).version == 7
     assert backlog(nats_server.url).last_seq == 2
     counts = drain(nats_server, database_url, catalog)
     assert (counts.events, counts.stored) == (3, 3)
