@@ -102,6 +102,19 @@ class Server:
         except subprocess.TimeoutExpired:
             self._signal(signal.SIGKILL)
             self.process.wait()
+        if self.whole_group:
+            # Children that outlive their leader (a Dagster code server) get a moment, then SIGKILL.
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and self._group_alive():
+                time.sleep(0.1)
+            self._signal(signal.SIGKILL)
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self.process.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
 
 
 def spawn(cmd: list[str], log: Path, death_signal: int = signal.SIGTERM, **kwargs) -> subprocess.Popen:
