@@ -12,7 +12,6 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -194,9 +193,3 @@ def pending_changes(catalog: Catalog, conn: psycopg.Connection) -> list[MeterCha
         if old is None or new is None or definition_hash(old) != definition_hash(new):
             changes.append(MeterChange(slug, old, new))
     return changes
-
-
-def last_activation(conn: psycopg.Connection) -> datetime | None:
-    """When a meter definition last became active (None before the first)."""
-    row = conn.execute("SELECT max(activated_at) FROM meter_definitions").fetchone()
-    return row[0] if row else None

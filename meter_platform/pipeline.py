@@ -358,14 +358,11 @@ class MicroBatchWriter:
             self._conn.close()
             self._conn = None
 
-    def _connection(self) -> psycopg.Connection:
+    def connection(self) -> psycopg.Connection:
+        """The writer's database connection (opened on first use, autocommit off)."""
         if self._conn is None or self._conn.closed:
             self._conn = db.connect(self.database_url)
         return self._conn
-
-    def connection(self) -> psycopg.Connection:
-        """The writer's database connection (opened on first use, autocommit off)."""
-        return self._connection()
 
     def retrying(self, transaction: Callable[[], T], what: str) -> T:
         """Run ``transaction`` (one PostgreSQL transaction), again when PostgreSQL rolled it back.
@@ -533,7 +530,7 @@ class MicroBatchWriter:
         bad: list[Rejected],
         run_id: str | None,
     ) -> BatchCounts:
-        conn = self._connection()
+        conn = self.connection()
         seqs = sorted(m.seq for m in messages)
         subjects = {m.seq: m.subject for m in messages}
         counts = BatchCounts(messages=len(messages), batches=1)

@@ -149,7 +149,7 @@ def test_crash_before_commit_loses_nothing(nats_server, database_url, catalog, m
 
     def fail_inside_transaction(self, *args, **kwargs):
         # Let the inserts run, then fail before COMMIT: the transaction must roll back whole.
-        conn = self._connection()
+        conn = self.connection()
         with conn.transaction():
             conn.execute(
                 "INSERT INTO usage_events (id, event_type, customer_id, ts, received_at, stream_seq)"
