@@ -164,3 +164,41 @@ def test_catalog_change_is_noticed_and_replayed_by_the_job(nats_server, database
     )
     with db.connect(database_url) as conn:
         assert pending_changes(CatalogResource(catalog_dir=str(tmp_path)).load(), conn) == []
+
+
+def test_sensor_requests_a_successor_before_a_busy_run_runs_out_of_time(
+    nats_server, database_url, monkeypatch
+):
+    from meter_platform.defs.ingestion import sensors
+
+    instance = DagsterInstance.ephemeral()
+    job = _defs(nats_server.url, database_url).resolve_job_def("ingest_microbatch_job")
+    instance.create_run_for_job(job, status=DagsterRunStatus.STARTED)
+
+    def evaluate(cursor: str | None):
+        context = build_sensor_context(
+            instance=instance, cursor=cursor, resources={"nats": NatsResource(url=nats_server.url)}
+        )
+        return jetstream_backlog_sensor(context), context.cursor
+
+    publish(nats_server.url, api_call("h1"))
+    result, cursor = evaluate(None)
+    assert isinstance(result, SkipReason) and "keep up" in (result.skip_message or "")  # a fresh run drains
+    monkeypatch.setattr(sensors, "RUN_SECONDS", 30.0)  # the run is now near the end of its time budget
+    result, _ = evaluate(cursor)
+    assert isinstance(result, RunRequest) and result.tags["meter/handoff"] == "true"
+    # Nothing waiting and nothing new since the last tick: no successor needed.
+    run_drain_all(nats_server.url, database_url)
+    result, cursor = evaluate(None)
+    assert isinstance(result, SkipReason)
+    publish(nats_server.url, api_call("h2"))  # traffic continues, even if a drainer takes it at once
+    run_drain_all(nats_server.url, database_url)
+    result, _ = evaluate(cursor)
+    assert isinstance(result, RunRequest) and result.tags["meter/handoff"] == "true"
+
+
+def run_drain_all(nats_url: str, database_url: str) -> None:
+    from meter_platform.catalog import load_catalog
+    from tests.helpers import run_drain
+
+    run_drain(nats_url, database_url, load_catalog(EXAMPLE_CATALOG_DIR))

@@ -31,10 +31,14 @@ JETSTREAM_EVENTS = AssetSpec(
 )
 
 
+#: A run's time budget: then it stops, and the sensor has already requested its successor.
+RUN_SECONDS = 300.0
+
+
 class DrainConfig(Config):
     """How long one run drains, and in what batch size."""
 
-    max_seconds: float = 300.0
+    max_seconds: float = RUN_SECONDS
     idle_seconds: float = 60.0  # keep polling this long after the last event: freshness in seconds
     batch_size: int = 500
 

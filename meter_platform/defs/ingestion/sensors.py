@@ -1,6 +1,7 @@
 """The sensor that keeps the stream drained: a run whenever events wait and too few runs drain them."""
 
 import os
+import time
 
 from dagster import (
     DagsterRunStatus,
@@ -12,6 +13,7 @@ from dagster import (
     sensor,
 )
 
+from meter_platform.defs.ingestion.assets import RUN_SECONDS
 from meter_platform.defs.ingestion.jobs import ingest_microbatch_job
 from meter_platform.defs.resources import NatsResource
 
@@ -21,6 +23,9 @@ MAX_CONCURRENT_RUNS = int(os.environ.get("METER_MAX_INGEST_RUNS", "2"))
 SCALE_OUT_BACKLOG = int(os.environ.get("METER_SCALE_OUT_BACKLOG", "2000"))
 # NOT_STARTED is left out on purpose: a run whose submission failed stays there forever.
 ACTIVE_RUN_STATUSES = [DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+#: A run stops after RUN_SECONDS (its time budget); its successor is requested this long before, so
+#: under steady traffic a run is always draining instead of events waiting out a run launch.
+HANDOFF_LEAD_SECONDS = 60.0
 
 
 @sensor(
@@ -33,16 +38,30 @@ def jetstream_backlog_sensor(context: SensorEvaluationContext, nats: NatsResourc
     """Look at the durable consumer's backlog and the runs already draining it."""
     backlog = nats.backlog()
     waiting = backlog.pending + backlog.ack_pending
-    active = context.instance.get_runs_count(
+    records = context.instance.get_run_records(
         RunsFilter(job_name=ingest_microbatch_job.name, statuses=ACTIVE_RUN_STATUSES)
     )
+    active = len(records)
+    # Events arrived since the last tick, even if a running drainer already took them.
+    arriving = context.cursor is not None and backlog.last_seq > int(context.cursor)
     context.update_cursor(str(backlog.last_seq))
+    tags = {"meter/backlog": str(waiting), "meter/stream_seq": str(backlog.last_seq)}
+    if active >= MAX_CONCURRENT_RUNS:
+        return SkipReason(f"{active} runs already draining (the limit); {waiting} messages waiting")
+    if (
+        active
+        and (waiting or arriving)
+        and all(_age(r) >= RUN_SECONDS - HANDOFF_LEAD_SECONDS for r in records)
+    ):
+        return RunRequest(tags={**tags, "meter/handoff": "true"})
     if waiting == 0:
         return SkipReason(f"no events waiting (stream at seq {backlog.last_seq})")
-    if active >= MAX_CONCURRENT_RUNS:
-        return SkipReason(f"{waiting} messages waiting; {active} runs already draining (the limit)")
     if active > 0 and backlog.pending < SCALE_OUT_BACKLOG:
         return SkipReason(f"{waiting} messages waiting; {active} run(s) draining keep up")
-    return RunRequest(
-        tags={"meter/backlog": str(waiting), "meter/stream_seq": str(backlog.last_seq)},
-    )
+    return RunRequest(tags=tags)
+
+
+def _age(record) -> float:
+    """Seconds since the run started (or was created, while it starts)."""
+    started = record.start_time or record.create_timestamp.timestamp()
+    return time.time() - started
