@@ -317,7 +317,7 @@ def test_two_runs_draining_at_once_count_everything_once(nats_server, database_u
     for m in range(120):
         # the same customers, minute and dimensions in every message: maximal row contention
         publish(nats_server.url, [api_call(f"p{m}-{i}", customer=f"c{i % 3}") for i in range(25)])
-    small = DrainSettings(batch_size=7, fetch_timeout=0.3, max_seconds=60, idle_seconds=0.6)
+    small = DrainSettings(batch_size=3, fetch_timeout=0.3, max_seconds=60, idle_seconds=0.6)
     results: list = []
     runs = [
         threading.Thread(
