@@ -72,24 +72,36 @@ def event_expressions(meter: Meter, params: dict[str, Any], bind: Bind) -> tuple
     return dims_sql, value_sql, " AND ".join(where)
 
 
+def minute_aggregates_sql(meter: Meter, source: str, params: dict[str, Any], extra_where: str = "") -> str:
+    """A SELECT of the meter's per-minute aggregates computed from ``source`` (psycopg binds into
+    ``params``): columns minute, customer_id, dims, event_count, value_count, value_sum, value_min,
+    value_max. Ingestion and replays store it; the reconciliation check compares against it.
+
+    ``source`` is a table shaped like ``usage_events`` (a batch's newly stored rows, or the raw events).
+    """
+    dims_sql, value_sql, where = event_expressions(meter, params, psycopg_bind)
+    numeric = "CAST(NULL AS numeric)" if meter.aggregation == "unique_count" else "v"
+    return f"""
+        SELECT date_trunc('minute', ts) AS minute, customer_id, dims, count(*) AS event_count,
+               count({numeric}) AS value_count, sum({numeric}) AS value_sum,
+               min({numeric}) AS value_min, max({numeric}) AS value_max
+        FROM (SELECT ts, customer_id, {dims_sql} AS dims, {value_sql} AS v
+              FROM {source} WHERE {where} {extra_where}) e
+        GROUP BY 1, 2, 3"""
+
+
 def aggregate_upsert_sql(meter: Meter, source: str, extra_where: str = "") -> tuple[str, dict[str, Any]]:
     """The upsert that adds the meter's events found in ``source`` to its per-minute aggregates.
 
-    ``source`` is a table shaped like ``usage_events`` (the batch's newly stored rows, or the raw
-    events themselves during a replay). Sums, counts, minima and maxima compose across batches.
+    Sums, counts, minima and maxima compose across batches.
     """
     params: dict[str, Any] = {"slug": meter.slug}
-    dims_sql, value_sql, where = event_expressions(meter, params, psycopg_bind)
-    numeric = "CAST(NULL AS numeric)" if meter.aggregation == "unique_count" else "v"
+    select = minute_aggregates_sql(meter, source, params, extra_where)
     sql = f"""
         INSERT INTO usage_minute_aggregates AS a
             (meter_slug, minute, customer_id, dims, event_count, value_count, value_sum, value_min, value_max)
-        SELECT %(slug)s, date_trunc('minute', ts), customer_id, dims,
-               count(*), count({numeric}), sum({numeric}), min({numeric}), max({numeric})
-        FROM (SELECT ts, customer_id, {dims_sql} AS dims, {value_sql} AS v
-              FROM {source} WHERE {where} {extra_where}) e
-        GROUP BY 2, 3, 4
-        ORDER BY 2, 3, 4
+        SELECT %(slug)s, * FROM ({select}) m
+        ORDER BY minute, customer_id, dims
         ON CONFLICT (meter_slug, minute, customer_id, dims) DO UPDATE SET
             event_count = a.event_count + EXCLUDED.event_count,
             value_count = a.value_count + EXCLUDED.value_count,

@@ -19,7 +19,7 @@ import yaml
 
 from meter_platform.catalog import Catalog, Meter
 from meter_platform.db import sqlalchemy_url
-from meter_platform.meters import event_expressions, psycopg_bind
+from meter_platform.meters import minute_aggregates_sql
 
 #: Checks whose failure (severity ERROR) blocks finalizing invoices.
 BLOCKING_CHECKS = ("aggregates_reconcile_with_raw_events", "ledger_continuity")
@@ -114,18 +114,16 @@ def reconcile_aggregates(
     compared = 0
     for meter in meters:
         params: dict[str, Any] = {"slug": meter.slug, "start": start, "end": end}
-        dims_sql, value_sql, where = event_expressions(meter, params, psycopg_bind)
-        numeric = "CAST(NULL AS numeric)" if meter.aggregation == "unique_count" else "v"
+        recomputed = minute_aggregates_sql(
+            meter,
+            "usage_events",
+            params,
+            "AND ts >= date_trunc('minute', CAST(%(start)s AS timestamptz))"
+            " AND ts < date_trunc('minute', CAST(%(end)s AS timestamptz))",
+        )
         rows = conn.execute(
             f"""
-            WITH raw AS (
-                SELECT date_trunc('minute', ts) AS minute, customer_id, dims, count(*) AS event_count,
-                       count({numeric}) AS value_count, sum({numeric}) AS value_sum,
-                       min({numeric}) AS value_min, max({numeric}) AS value_max
-                FROM (SELECT ts, customer_id, {dims_sql} AS dims, {value_sql} AS v FROM usage_events
-                      WHERE {where} AND ts >= date_trunc('minute', CAST(%(start)s AS timestamptz))
-                        AND ts < date_trunc('minute', CAST(%(end)s AS timestamptz))) e
-                GROUP BY 1, 2, 3
+            WITH raw AS ({recomputed}
             ), agg AS (
                 SELECT minute, customer_id, dims, event_count, value_count, value_sum, value_min, value_max
                 FROM usage_minute_aggregates WHERE meter_slug = %(slug)s
