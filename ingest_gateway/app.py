@@ -53,7 +53,14 @@ from meter_platform.events import (
     us_to_datetime,
 )
 from meter_platform.meters import sqlalchemy_bind
-from meter_platform.quarantine import QuarantineQueryError, list_answer, list_sql, parse_list_params
+from meter_platform.quarantine import (
+    LEDGER_TOTALS_SQL,
+    LedgerTotals,
+    QuarantineQueryError,
+    list_answer,
+    list_sql,
+    parse_list_params,
+)
 from meter_platform.usage import UsageQueryError, build_query, usage_answer, usage_sql
 
 log = logging.getLogger("ingest_gateway")
@@ -388,22 +395,7 @@ async def ingest_status(request: Request) -> Response:
         raise ApiError(
             503, "The event broker is unreachable. Retry shortly.", headers={"Retry-After": "2"}
         ) from exc
-    row = (
-        await gw.query(
-            "SELECT coalesce(sum(events), 0) AS events, coalesce(sum(stored), 0) AS stored,"
-            " coalesce(sum(duplicates), 0) AS duplicates, coalesce(sum(quarantined), 0) AS quarantined,"
-            " coalesce(sum(messages), 0) AS messages, max(committed_at) AS last_commit,"
-            # Quarantined events a replay moved since (meter_platform.quarantine), in the same snapshot.
-            " (SELECT count(*) FROM quarantined_events WHERE status = 'replayed') AS replayed,"
-            " (SELECT count(*) FROM quarantined_events WHERE status = 'duplicate') AS replay_duplicates,"
-            " (SELECT count(*) FROM quarantine_replays) AS replays,"
-            " (SELECT max(finished_at) FROM quarantine_replays) AS last_replay FROM ingest_batches"
-        )
-    )[0]
-    # A replayed event moves from quarantined to stored (or duplicates): processed is unchanged.
-    replayed, replay_dups = int(row.replayed), int(row.replay_duplicates)
-    stored, duplicates = int(row.stored) + replayed, int(row.duplicates) + replay_dups
-    quarantined = int(row.quarantined) - replayed - replay_dups
+    totals = LedgerTotals.from_row(tuple((await gw.query(LEDGER_TOTALS_SQL))[0]))
     return json_response(
         {
             "stream": {"name": STREAM_NAME, "last_seq": backlog.last_seq, "messages": backlog.messages},
@@ -414,21 +406,21 @@ async def ingest_status(request: Request) -> Response:
                 "ack_floor": backlog.ack_floor,
             },
             "events": {
-                "processed": int(row.events),
-                "stored": stored,
-                "duplicates": duplicates,
-                "quarantined": quarantined,
-                "balanced": int(row.events) == stored + duplicates + quarantined,
-                "replayed_from_quarantine": replayed,
-                "duplicates_from_quarantine": replay_dups,
+                "processed": totals.processed,
+                "stored": totals.stored,
+                "duplicates": totals.duplicates,
+                "quarantined": totals.quarantined,
+                "balanced": totals.balanced,
+                "replayed_from_quarantine": totals.replayed,
+                "duplicates_from_quarantine": totals.replay_duplicates,
             },
             "quarantine_replays": {
-                "replays": int(row.replays),
-                "last_finished_at": format_timestamp(row.last_replay) if row.last_replay else None,
+                "replays": totals.replays,
+                "last_finished_at": format_timestamp(totals.last_replay) if totals.last_replay else None,
             },
             "ledger": {
-                "messages": int(row.messages),
-                "last_commit": format_timestamp(row.last_commit) if row.last_commit else None,
+                "messages": totals.messages,
+                "last_commit": format_timestamp(totals.last_commit) if totals.last_commit else None,
             },
         }
     )

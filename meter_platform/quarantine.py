@@ -62,6 +62,61 @@ _REASON_RE = re.compile(r"^[a-z_]{1,64}$")
 _LIST_PARAMS = ("reason", "event_type", "customer_id", "from", "to", "status", "limit", "offset")
 
 
+#: The ledger's totals in one snapshot (no parameters; runs through psycopg or SQLAlchemy alike).
+LEDGER_TOTALS_SQL = (
+    "SELECT coalesce(sum(events), 0) AS events, coalesce(sum(stored), 0) AS stored,"
+    " coalesce(sum(duplicates), 0) AS duplicates, coalesce(sum(quarantined), 0) AS quarantined,"
+    " coalesce(sum(messages), 0) AS messages, max(committed_at) AS last_commit,"
+    " (SELECT count(*) FROM quarantined_events WHERE status = 'replayed') AS replayed,"
+    " (SELECT count(*) FROM quarantined_events WHERE status = 'duplicate') AS replay_duplicates,"
+    " (SELECT count(*) FROM quarantine_replays) AS replays,"
+    " (SELECT max(finished_at) FROM quarantine_replays) AS last_replay FROM ingest_batches"
+)
+
+
+@dataclass(frozen=True)
+class LedgerTotals:
+    """What happened to every event taken from JetStream, counting moves out of quarantine.
+
+    A replayed event moves from ``quarantined`` to ``stored`` (or ``duplicates``): ``processed``
+    is unchanged and stays ``stored + duplicates + quarantined``.
+    """
+
+    processed: int
+    stored: int
+    duplicates: int
+    quarantined: int
+    replayed: int
+    replay_duplicates: int
+    messages: int
+    replays: int
+    last_commit: datetime | None
+    last_replay: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> LedgerTotals:
+        """From a row of :data:`LEDGER_TOTALS_SQL` (a tuple in its column order)."""
+        events, stored, dups, quar, messages, last_commit, replayed, replay_dups, replays, last_replay = row
+        replayed, replay_dups = int(replayed), int(replay_dups)
+        return cls(
+            processed=int(events),
+            stored=int(stored) + replayed,
+            duplicates=int(dups) + replay_dups,
+            quarantined=int(quar) - replayed - replay_dups,
+            replayed=replayed,
+            replay_duplicates=replay_dups,
+            messages=int(messages),
+            replays=int(replays),
+            last_commit=last_commit,
+            last_replay=last_replay,
+        )
+
+    @property
+    def balanced(self) -> bool:
+        """Every processed event is stored, a duplicate or quarantined."""
+        return self.processed == self.stored + self.duplicates + self.quarantined
+
+
 class QuarantineQueryError(ValueError):
     """The request's parameters are not usable; ``details`` lists each problem (a 400)."""
 

@@ -26,6 +26,7 @@ from dagster import (
 from meter_platform import db, quality
 from meter_platform.defs.resources import CatalogResource, NatsResource, PostgresResource
 from meter_platform.meters import active_meters
+from meter_platform.quarantine import LEDGER_TOTALS_SQL, LedgerTotals
 
 #: Check name -> (asset, severity); the functions in meter_platform.quality produce them.
 CHECKS: dict[str, tuple[str, str]] = {
@@ -97,10 +98,8 @@ def data_quality_checks(
             quality.record(conn, outcome, context.run.run_id)
         conn.commit()
         blocking = quality.blocking_failures(conn)
-        totals = conn.execute(
-            "SELECT coalesce(sum(events), 0), coalesce(sum(stored), 0), coalesce(sum(duplicates), 0),"
-            " coalesce(sum(quarantined), 0) FROM ingest_batches"
-        ).fetchone()
+        row = conn.execute(LEDGER_TOTALS_SQL).fetchone()
+        totals = LedgerTotals.from_row(row)
     for outcome in outcomes:
         yield AssetCheckResult(
             asset_key=AssetKey(outcome.asset),
@@ -115,7 +114,6 @@ def data_quality_checks(
         f"| {o.check_name} | {o.asset} | {o.severity} | {'yes' if o.passed else 'NO'} | {o.description} |"
         for o in outcomes
     ]
-    events, stored, duplicates, quarantined = (int(v) for v in totals) if totals else (0, 0, 0, 0)
     context.op_execution_context.log_event(
         AssetMaterialization(
             asset_key=DATA_QUALITY_SUMMARY.key,
@@ -126,11 +124,14 @@ def data_quality_checks(
                 "failing": len(failing),
                 "blocking_failures": [o.check_name for o in blocking],
                 "invoices_may_be_finalized": not blocking,
-                "events_processed": events,
-                "stored": stored,
-                "duplicates": duplicates,
-                "quarantined": quarantined,
-                "quarantine_rate": round(quarantined / events, 4) if events else 0.0,
+                "events_processed": totals.processed,
+                "stored": totals.stored,
+                "duplicates": totals.duplicates,
+                "quarantined": totals.quarantined,
+                "replayed_from_quarantine": totals.replayed,
+                "quarantine_rate": round(totals.quarantined / totals.processed, 4)
+                if totals.processed
+                else 0.0,
             },
         )
     )
