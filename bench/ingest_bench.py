@@ -43,9 +43,17 @@ from typing import Any
 import httpx
 import psycopg
 
-from meter_platform import db, jetstream
+from meter_platform.capture import jetstream
 from meter_platform.config import EVENTS_SUBJECT_PREFIX, STREAM_NAME
-from meter_platform.servers import Server, free_port, nats_server_binary, spawn, start_nats, start_postgres
+from meter_platform.runtime.servers import (
+    Server,
+    free_port,
+    nats_server_binary,
+    spawn,
+    start_nats,
+    start_postgres,
+)
+from meter_platform.storage import db
 
 try:  # psutil comes with the platform's dependencies; without it the CPU columns stay empty
     import psutil
@@ -289,7 +297,7 @@ class Stack:
 def _activate_meters(database_url: str) -> None:
     """Make the catalog's meters active (the pipeline aggregates with the definitions in the database)."""
     try:
-        from meter_platform.replay import sync_meters
+        from meter_platform.meters.rebuild import sync_meters
     except ImportError:  # a version without meter definitions aggregates with the catalog directly
         return
     from meter_platform.catalog import load_catalog
@@ -819,7 +827,7 @@ def drain_child(args: argparse.Namespace) -> int:
     """``--role drain``: run the pipeline's drain() until SIGTERM, timing the writer's batches."""
     from meter_platform.catalog import load_catalog
     from meter_platform.config import load_settings
-    from meter_platform.pipeline import BatchCounts, DrainSettings, MicroBatchWriter, drain
+    from meter_platform.ingestion.writer import BatchCounts, DrainSettings, MicroBatchWriter, drain
 
     stats = {"batches": 0, "messages": 0, "events": 0, "write_seconds": 0.0, "empty_fetches": 0}
     stats_file = Path(args.stats_file)

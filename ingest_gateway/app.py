@@ -26,18 +26,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from meter_platform import db, jetstream
-from meter_platform.catalog import Catalog, load_catalog
-from meter_platform.config import (
-    BATCH_HEADER,
-    CONSUMER_NAME,
-    GATEWAY_SUBJECT,
-    STREAM_NAME,
-    Settings,
-    load_settings,
-    require_url,
-)
-from meter_platform.events import (
+from meter_platform.capture import jetstream
+from meter_platform.capture.envelope import (
     Event,
     GatewayBatch,
     ItemError,
@@ -52,8 +42,17 @@ from meter_platform.events import (
     parse_timestamp,
     us_to_datetime,
 )
-from meter_platform.meters import sqlalchemy_bind
-from meter_platform.quarantine import (
+from meter_platform.catalog import Catalog, load_catalog
+from meter_platform.config import (
+    BATCH_HEADER,
+    CONSUMER_NAME,
+    GATEWAY_SUBJECT,
+    STREAM_NAME,
+    Settings,
+    load_settings,
+    require_url,
+)
+from meter_platform.ingestion.quarantine import (
     LEDGER_TOTALS_SQL,
     LedgerTotals,
     QuarantineQueryError,
@@ -61,7 +60,9 @@ from meter_platform.quarantine import (
     list_sql,
     parse_list_params,
 )
-from meter_platform.usage import UsageQueryError, build_query, usage_answer, usage_sql
+from meter_platform.meters.aggregates import sqlalchemy_bind
+from meter_platform.meters.usage import UsageQueryError, build_query, usage_answer, usage_sql
+from meter_platform.storage import db
 
 log = logging.getLogger("ingest_gateway")
 _encoder = msgspec.json.Encoder(decimal_format="number")

@@ -5,6 +5,8 @@ from dagster import Definitions, EnvVar
 from meter_platform.defs.ingestion.assets import JETSTREAM_EVENTS, ingest_microbatches
 from meter_platform.defs.ingestion.jobs import ingest_microbatch_job
 from meter_platform.defs.ingestion.sensors import jetstream_backlog_sensor
+from meter_platform.defs.meters.jobs import meter_replay_job
+from meter_platform.defs.meters.sensors import meter_catalog_sensor
 from meter_platform.defs.quality.checks import (
     DATA_QUALITY_SUMMARY,
     data_quality_checks,
@@ -13,8 +15,6 @@ from meter_platform.defs.quality.checks import (
 )
 from meter_platform.defs.quality.sensors import data_quality_alert_sensor
 from meter_platform.defs.resources import CatalogResource, NatsResource, PostgresResource
-from meter_platform.defs.usage.jobs import meter_replay_job
-from meter_platform.defs.usage.sensors import meter_catalog_sensor
 
 defs = Definitions(
     assets=[JETSTREAM_EVENTS, ingest_microbatches, DATA_QUALITY_SUMMARY],

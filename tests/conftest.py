@@ -16,11 +16,12 @@ import uvicorn
 from nats.js.errors import NotFoundError
 
 from ingest_gateway.app import create_app
-from meter_platform import db, jetstream
+from meter_platform.capture import jetstream
 from meter_platform.catalog import Catalog, load_catalog
 from meter_platform.config import EXAMPLE_CATALOG_DIR, STREAM_NAME, Settings
-from meter_platform.replay import sync_meters
-from meter_platform.servers import Server, free_port, start_nats, start_postgres
+from meter_platform.meters.rebuild import sync_meters
+from meter_platform.runtime.servers import Server, free_port, start_nats, start_postgres
+from meter_platform.storage import db
 
 TABLES = (
     "usage_minute_aggregates",

@@ -8,10 +8,11 @@ from typing import Any
 
 import msgspec
 
-from meter_platform import db, jetstream
+from meter_platform.capture import jetstream
 from meter_platform.catalog import Catalog
 from meter_platform.config import EVENTS_SUBJECT_PREFIX
-from meter_platform.pipeline import BatchCounts, DrainSettings, drain
+from meter_platform.ingestion.writer import BatchCounts, DrainSettings, drain
+from meter_platform.storage import db
 
 #: A recent event time (events older than the allowed lateness, 35 days, are quarantined).
 RECENT = (datetime.now(UTC) - timedelta(days=1)).replace(second=45, microsecond=123456)

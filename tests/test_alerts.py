@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 from dagster import DagsterInstance, Definitions, SkipReason, build_sensor_context
 
-from meter_platform import alerts, db, quality
+from meter_platform import alerts, quality
 from meter_platform.config import EXAMPLE_CATALOG_DIR
 from meter_platform.defs.quality.sensors import data_quality_alert_sensor
 from meter_platform.defs.resources import CatalogResource, PostgresResource
-from meter_platform.servers import free_port
+from meter_platform.runtime.servers import free_port
+from meter_platform.storage import db
 
 SECRET = "s3cret-for-tests"
 SECRET_ENV = "METER_TEST_ALERT_SECRET"

@@ -59,8 +59,9 @@ def test_usage_and_status_from_the_terminal(gateway_url, nats_server, database_u
 def test_replay_rebuilds_a_damaged_meter_and_reports_the_difference(
     clean, nats_server, database_url, catalog, capsys, monkeypatch
 ):
-    from meter_platform import db, quality
-    from meter_platform.meters import active_meters
+    from meter_platform import quality
+    from meter_platform.meters.aggregates import active_meters
+    from meter_platform.storage import db
 
     publish(nats_server.url, [api_call("d1"), api_call("d2"), api_call("d3", customer="c2")])
     run_drain(nats_server.url, database_url, catalog)

@@ -112,10 +112,10 @@ def test_job_drains_into_postgres_and_reports_counts(nats_server, database_url):
 def test_catalog_change_is_noticed_and_replayed_by_the_job(nats_server, database_url, catalog, tmp_path):
     import shutil
 
-    from meter_platform import db
-    from meter_platform.defs.usage.jobs import meter_replay_job
-    from meter_platform.defs.usage.sensors import meter_catalog_sensor
-    from meter_platform.meters import pending_changes
+    from meter_platform.defs.meters.jobs import meter_replay_job
+    from meter_platform.defs.meters.sensors import meter_catalog_sensor
+    from meter_platform.meters.aggregates import pending_changes
+    from meter_platform.storage import db
     from tests.helpers import run_drain
 
     publish(

@@ -18,8 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from meter_platform import demo
-from meter_platform.events import (
+from meter_platform.capture.envelope import (
     check_times,
     datetime_to_us,
     decode_events,
@@ -28,8 +27,9 @@ from meter_platform.events import (
     parse_timestamp,
     us_to_datetime,
 )
-from meter_platform.servers import free_port
-from meter_platform.validation import validate_event_type
+from meter_platform.cli import demo
+from meter_platform.ingestion.validation import validate_event_type
+from meter_platform.runtime.servers import free_port
 from tests.helpers import api_call, publish, query, run_drain
 
 NOW = datetime(2025, 7, 24, 10, 30, 45, 123456, tzinfo=UTC)
@@ -294,7 +294,7 @@ def test_a_503_is_retried_with_the_same_ids_until_the_stream_has_room(
     frees room, and every event is counted once."""
     from dataclasses import replace as dc_replace
 
-    from meter_platform import jetstream
+    from meter_platform.capture import jetstream
 
     async def limit_stream(max_msgs: int) -> None:
         nc = await jetstream.connect(nats_server.url, name="tests")

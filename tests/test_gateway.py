@@ -17,10 +17,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from ingest_gateway.app import create_app
-from meter_platform import jetstream
+from meter_platform.capture import jetstream
 from meter_platform.config import STREAM_NAME
-from meter_platform.pipeline import DrainSettings
-from meter_platform.servers import start_nats
+from meter_platform.ingestion.writer import DrainSettings
+from meter_platform.runtime.servers import start_nats
 from tests.helpers import api_call, backlog, publish, query, run_drain, scalar
 
 pytestmark = pytest.mark.usefixtures("clean")

@@ -16,14 +16,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meter_platform import db
+from meter_platform.capture.envelope import (
+    Event,
+    GatewayBatch,
+    datetime_to_us,
+    encode_batch,
+    format_timestamp,
+)
 from meter_platform.catalog import Meter, load_catalog
 from meter_platform.config import BATCH_HEADER, GATEWAY_SUBJECT
-from meter_platform.events import Event, GatewayBatch, datetime_to_us, encode_batch, format_timestamp
-from meter_platform.meters import psycopg_bind
-from meter_platform.pipeline import Message, MicroBatchWriter
-from meter_platform.replay import sync_meters
-from meter_platform.usage import UsageQuery, usage_sql
+from meter_platform.ingestion.writer import Message, MicroBatchWriter
+from meter_platform.meters.aggregates import psycopg_bind
+from meter_platform.meters.rebuild import sync_meters
+from meter_platform.meters.usage import UsageQuery, usage_sql
+from meter_platform.storage import db
 from tests.conftest import TABLES
 
 CATALOG = load_catalog(Path(__file__).parent / "catalogs" / "all_aggregations")

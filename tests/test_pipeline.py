@@ -7,9 +7,9 @@ from decimal import Decimal
 
 import pytest
 
-from meter_platform import jetstream
+from meter_platform.capture import jetstream
 from meter_platform.config import CONSUMER_NAME, STREAM_NAME
-from meter_platform.pipeline import DrainSettings
+from meter_platform.ingestion.writer import DrainSettings
 from tests.helpers import RECENT, api_call, backlog, publish, query, run_drain, scalar
 
 pytestmark = pytest.mark.usefixtures("clean")
@@ -143,7 +143,7 @@ def test_crash_between_commit_and_ack_redelivers_without_doubling(nats_server, d
 def test_crash_before_commit_loses_nothing(nats_server, database_url, catalog, monkeypatch):
     _short_ack_wait(nats_server.url)
     publish(nats_server.url, [api_call("p1"), api_call("p2")])
-    from meter_platform import pipeline
+    from meter_platform.ingestion import writer as pipeline
 
     original = pipeline.MicroBatchWriter._commit
 

@@ -10,11 +10,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from dagster import AssetCheckSeverity, DagsterInstance, Definitions
 
-from meter_platform import db, jetstream, quality
+from meter_platform import quality
+from meter_platform.capture import jetstream
 from meter_platform.config import CONSUMER_NAME, EXAMPLE_CATALOG_DIR, STREAM_NAME
 from meter_platform.defs.quality.checks import DATA_QUALITY_SUMMARY, data_quality_checks, data_quality_job
 from meter_platform.defs.resources import CatalogResource, NatsResource, PostgresResource
-from meter_platform.meters import active_meters
+from meter_platform.meters.aggregates import active_meters
+from meter_platform.storage import db
 from tests.helpers import api_call, backlog, publish, run_drain
 
 pytestmark = pytest.mark.usefixtures("clean")

@@ -15,11 +15,11 @@ from typing import Any
 import httpx
 import pytest
 
-from meter_platform import db
 from meter_platform.catalog import Catalog, load_catalog
 from meter_platform.cli import main
 from meter_platform.config import EXAMPLE_CATALOG_DIR
-from meter_platform.quarantine import QuarantineFilter, ReplaySummary, replay_quarantine
+from meter_platform.ingestion.quarantine import QuarantineFilter, ReplaySummary, replay_quarantine
+from meter_platform.storage import db
 from tests.helpers import RECENT, api_call, publish, query, run_drain, scalar
 
 TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")

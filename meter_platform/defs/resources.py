@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dagster import ConfigurableResource
 
-from meter_platform import jetstream
+from meter_platform.capture import jetstream
 from meter_platform.catalog import Catalog, load_catalog
 from meter_platform.config import EXAMPLE_CATALOG_DIR
 

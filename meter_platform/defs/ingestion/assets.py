@@ -1,5 +1,5 @@
 """The ingestion assets: one run drains JetStream into raw events, quarantine and per-minute
-aggregates (see ``meter_platform.pipeline`` for the ordering that makes it exactly-once)."""
+aggregates (see ``meter_platform.ingestion.writer`` for the ordering that makes it exactly-once)."""
 
 import asyncio
 import time
@@ -18,9 +18,9 @@ from dagster import (
     multi_asset,
 )
 
-from meter_platform import db
 from meter_platform.defs.resources import CatalogResource, NatsResource, PostgresResource
-from meter_platform.pipeline import BatchCounts, DrainSettings, drain
+from meter_platform.ingestion.writer import BatchCounts, DrainSettings, drain
+from meter_platform.storage import db
 
 JETSTREAM_EVENTS = AssetSpec(
     "jetstream_events",

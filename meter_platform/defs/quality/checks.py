@@ -23,23 +23,11 @@ from dagster import (
     multi_asset_check,
 )
 
-from meter_platform import db, quality
+from meter_platform import quality
 from meter_platform.defs.resources import CatalogResource, NatsResource, PostgresResource
-from meter_platform.meters import active_meters
-from meter_platform.quarantine import LEDGER_TOTALS_SQL, LedgerTotals
-
-#: Check name -> (asset, severity); the functions in meter_platform.quality produce them.
-CHECKS: dict[str, tuple[str, str]] = {
-    "aggregates_reconcile_with_raw_events": ("usage_minute_aggregates", "ERROR"),
-    "no_negative_quantities": ("usage_minute_aggregates", "ERROR"),
-    "volume_anomaly": ("usage_minute_aggregates", "WARN"),
-    "ledger_continuity": ("usage_events", "ERROR"),
-    "values_within_declared_ranges": ("usage_events", "ERROR"),
-    "freshness": ("usage_events", "WARN"),
-    "duplicate_rate": ("usage_events", "WARN"),
-    "every_customer_known": ("usage_events", "WARN"),
-    "quarantine_rate": ("quarantined_events", "WARN"),
-}
+from meter_platform.ingestion.quarantine import LEDGER_TOTALS_SQL, LedgerTotals
+from meter_platform.meters.aggregates import active_meters
+from meter_platform.storage import db
 
 DATA_QUALITY_SUMMARY = AssetSpec(
     "data_quality_summary",
@@ -80,8 +68,8 @@ def evaluate_all(
 
 @multi_asset_check(
     specs=[
-        AssetCheckSpec(name, asset=asset, description=f"{severity}: see meter_platform/quality.py")
-        for name, (asset, severity) in CHECKS.items()
+        AssetCheckSpec(spec.name, asset=spec.asset, description=f"{spec.severity}: {spec.description}")
+        for spec in quality.CHECKS.values()
     ],
     description="Evaluate every data-quality check and record the outcomes.",
 )

@@ -4,9 +4,10 @@ tick, and every bit of state is in PostgreSQL (see ``meter_platform/alerts.py``)
 
 from dagster import DefaultSensorStatus, SensorEvaluationContext, SkipReason, sensor
 
-from meter_platform import alerts, db, quality
+from meter_platform import alerts, quality
 from meter_platform.config import EXAMPLE_CATALOG_DIR
 from meter_platform.defs.resources import CatalogResource, PostgresResource
+from meter_platform.storage import db
 
 
 @sensor(

@@ -13,7 +13,7 @@ from meter_platform.config import load_settings
 def _gateway_url(args: argparse.Namespace) -> str:
     if getattr(args, "gateway", None):
         return args.gateway.rstrip("/")
-    from meter_platform.platform import read_runtime
+    from meter_platform.runtime.up import read_runtime
 
     runtime = read_runtime()
     if runtime.get("gateway_url"):
@@ -23,14 +23,14 @@ def _gateway_url(args: argparse.Namespace) -> str:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from meter_platform.platform import up
+    from meter_platform.runtime.up import up
 
     return up()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from meter_platform import db
     from meter_platform.config import require_url
+    from meter_platform.storage import db
 
     url = require_url(load_settings().database_url, "METER_DATABASE_URL")
     applied = db.migrate(url)
@@ -122,7 +122,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
 def cmd_quarantine_list(args: argparse.Namespace) -> int:
     import httpx
 
-    from meter_platform.quarantine import reason_text
+    from meter_platform.ingestion.quarantine import reason_text
 
     url = _gateway_url(args)
     params: list[tuple[str, str]] = [("reason", r) for r in args.reason or []]
@@ -176,7 +176,7 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
 
 def _database_url() -> str:
     """METER_DATABASE_URL, or the database of the running `meter up`."""
-    from meter_platform.platform import read_runtime
+    from meter_platform.runtime.up import read_runtime
 
     url = load_settings().database_url or read_runtime().get("database_url")
     if not url:
@@ -188,10 +188,10 @@ def _database_url() -> str:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from meter_platform import db
     from meter_platform.catalog import load_catalog
-    from meter_platform.meters import requested_changes
-    from meter_platform.replay import format_report, replay_meter
+    from meter_platform.meters.aggregates import requested_changes
+    from meter_platform.meters.rebuild import format_report, replay_meter
+    from meter_platform.storage import db
 
     catalog = load_catalog(load_settings().catalog_dir)
     with db.connect(_database_url(), autocommit=True) as conn:
@@ -216,13 +216,13 @@ def cmd_quarantine_replay(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from meter_platform.catalog import load_catalog
-    from meter_platform.quarantine import (
+    from meter_platform.ingestion.quarantine import (
         QuarantineFilter,
         count_quarantined,
         parse_reasons,
         replay_quarantine,
     )
-    from meter_platform.validation import validate_catalog_types
+    from meter_platform.ingestion.validation import validate_catalog_types
 
     database_url = _database_url()
     catalog_dir = Path(args.catalog) if args.catalog else load_settings().catalog_dir
@@ -261,7 +261,7 @@ def cmd_quarantine_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from meter_platform.demo import run
+    from meter_platform.cli.demo import run
 
     return run(args, _gateway_url(args))
 

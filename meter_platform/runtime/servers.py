@@ -265,7 +265,7 @@ def start_postgres(
     )
     wait_for_port(host, port, proc, "postgres", log)
     base = f"postgresql://postgres@{host}:{port}"
-    from meter_platform.db import ensure_database
+    from meter_platform.storage.db import ensure_database
 
     deadline = time.monotonic() + 30
     while True:

@@ -2,10 +2,10 @@
 
 from dagster import AssetKey, AssetMaterialization, Config, MetadataValue, OpExecutionContext, job, op
 
-from meter_platform import db
 from meter_platform.defs.resources import CatalogResource, PostgresResource
-from meter_platform.meters import requested_changes
-from meter_platform.replay import ReplayReport, format_report, replay_meter
+from meter_platform.meters.aggregates import requested_changes
+from meter_platform.meters.rebuild import ReplayReport, format_report, replay_meter
+from meter_platform.storage import db
 
 
 class ReplayConfig(Config):

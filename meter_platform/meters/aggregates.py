@@ -2,7 +2,7 @@
 
 ``meters.yaml`` says what the meters should be; the ``meter_definitions`` table says what the
 aggregates were computed with. The ingestion pipeline aggregates with the *active* definitions (read
-share-locked in its own transaction); a replay (``meter_platform.replay``) is the one place where a
+share-locked in its own transaction); a replay (``meter_platform.meters.rebuild``) is the one place where a
 definition becomes active.
 """
 

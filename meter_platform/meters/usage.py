@@ -14,9 +14,9 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from meter_platform.capture.envelope import format_timestamp, parse_timestamp
 from meter_platform.catalog import Meter
-from meter_platform.events import format_timestamp, parse_timestamp
-from meter_platform.meters import Bind, event_expressions, sqlalchemy_bind
+from meter_platform.meters.aggregates import Bind, event_expressions, sqlalchemy_bind
 
 WINDOWS = ("minute", "hour", "day", "month")
 MAX_ROWS = 10_000

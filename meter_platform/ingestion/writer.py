@@ -21,7 +21,7 @@ This is where the platform's delivery guarantee is made. For each micro-batch, i
    at-least-once delivery from JetStream + idempotent writes = each event counted exactly once.
 
 Steps 2, 3b and 3d are methods of :class:`MicroBatchWriter` (``validate``, ``insert_raw``,
-``aggregate_new``) that a quarantine replay (``meter_platform.quarantine``) runs too, on events taken
+``aggregate_new``) that a quarantine replay (``meter_platform.ingestion.quarantine``) runs too, on events taken
 back out of ``quarantined_events``: an event replayed from quarantine is validated, deduplicated and
 aggregated by exactly the code that ingests it from JetStream.
 """
@@ -42,10 +42,7 @@ import msgspec
 import psycopg
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from meter_platform import db
-from meter_platform.catalog import Catalog
-from meter_platform.config import BATCH_HEADER, CONSUMER_NAME, STREAM_NAME
-from meter_platform.events import (
+from meter_platform.capture.envelope import (
     MAX_FUTURE_SKEW,
     convert_event,
     datetime_to_us,
@@ -56,9 +53,12 @@ from meter_platform.events import (
     parse_timestamp,
     us_to_datetime,
 )
-from meter_platform.jetstream import connect, ensure_stream_and_consumer, stream_incarnation
-from meter_platform.meters import active_meters, aggregate_upsert_sql
-from meter_platform.validation import Failure, validate_event_type
+from meter_platform.capture.jetstream import connect, ensure_stream_and_consumer, stream_incarnation
+from meter_platform.catalog import Catalog
+from meter_platform.config import BATCH_HEADER, CONSUMER_NAME, STREAM_NAME
+from meter_platform.ingestion.validation import Failure, validate_event_type
+from meter_platform.meters.aggregates import active_meters, aggregate_upsert_sql
+from meter_platform.storage import db
 
 log = logging.getLogger(__name__)
 
@@ -511,7 +511,7 @@ class MicroBatchWriter:
         """Step 3d, inside the caller's transaction, after ``insert_raw``: aggregate the new rows only.
 
         With the *active* meter definitions, share-locked: a meter replay waits for this commit, or
-        this transaction waits for the replay (see ``meter_platform.meters``). A row not newly stored
+        this transaction waits for the replay (see ``meter_platform.meters.aggregates``). A row not newly stored
         (a duplicate, a redelivery) is never aggregated, so nothing is counted twice.
         """
         cur = conn.cursor()

@@ -16,8 +16,8 @@ from typing import Any
 import pandera.polars as pa
 import polars as pl
 
+from meter_platform.capture.envelope import parse_timestamp, property_at
 from meter_platform.catalog import Catalog, EventTypeSpec, PropertySpec
-from meter_platform.events import parse_timestamp, property_at
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 #: JSON value types that need no conversion, per property type (anything else goes through _typed).

@@ -9,12 +9,12 @@ from dagster import (
     sensor,
 )
 
-from meter_platform import db
 from meter_platform.catalog import CatalogError
 from meter_platform.defs.ingestion.sensors import ACTIVE_RUN_STATUSES
+from meter_platform.defs.meters.jobs import meter_replay_job
 from meter_platform.defs.resources import CatalogResource, PostgresResource
-from meter_platform.defs.usage.jobs import meter_replay_job
-from meter_platform.meters import pending_changes
+from meter_platform.meters.aggregates import pending_changes
+from meter_platform.storage import db
 
 
 @sensor(

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 
 from meter_platform.catalog import Catalog, Meter
-from meter_platform.meters import (
+from meter_platform.meters.aggregates import (
     MeterChange,
     aggregate_upsert_sql,
     definition,
@@ -27,7 +27,7 @@ from meter_platform.meters import (
     pending_changes,
     psycopg_bind,
 )
-from meter_platform.usage import UsageQuery, usage_sql
+from meter_platform.meters.usage import UsageQuery, usage_sql
 
 
 @dataclass

@@ -46,13 +46,13 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from meter_platform import db
-from meter_platform.events import format_timestamp, parse_timestamp
-from meter_platform.meters import Bind, psycopg_bind
+from meter_platform.capture.envelope import format_timestamp, parse_timestamp
+from meter_platform.meters.aggregates import Bind, psycopg_bind
+from meter_platform.storage import db
 
 if TYPE_CHECKING:
     from meter_platform.catalog import Catalog
-    from meter_platform.pipeline import EventRows, MicroBatchWriter, Rejected
+    from meter_platform.ingestion.writer import EventRows, MicroBatchWriter, Rejected
 
 #: The states of a quarantined event.
 STATUSES = ("quarantined", "replayed", "duplicate")
@@ -384,7 +384,7 @@ def replay_quarantine(
     ``dry_run`` runs the same selection and validation and reports what would move, writing nothing.
     ``on_chunk`` receives each committed chunk's counts (for a progress bar).
     """
-    from meter_platform.pipeline import MicroBatchWriter
+    from meter_platform.ingestion.writer import MicroBatchWriter
 
     filters = _replay_filter(filters)
     writer = MicroBatchWriter(catalog, database_url, max_lateness)
@@ -429,7 +429,7 @@ def _revalidate(
     writer: MicroBatchWriter, rows: list[tuple[Any, ...]]
 ) -> tuple[list[_Candidate], EventRows, dict[str, _Candidate]]:
     """Step 3: (every candidate, the events that pass, candidate by event id)."""
-    from meter_platform.pipeline import EventRows, decode_item
+    from meter_platform.ingestion.writer import EventRows, decode_item
 
     candidates: list[_Candidate] = []
     events = EventRows()

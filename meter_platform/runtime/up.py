@@ -15,12 +15,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meter_platform import db, jetstream
+from meter_platform.capture import jetstream
 from meter_platform.catalog import load_catalog
 from meter_platform.config import PACKAGE_DIR, Settings, load_settings
-from meter_platform.replay import format_report, sync_meters
-from meter_platform.servers import Server, port_is_free, spawn, start_nats, start_postgres, wait_for_port
-from meter_platform.validation import validate_catalog_types
+from meter_platform.ingestion.validation import validate_catalog_types
+from meter_platform.meters.rebuild import format_report, sync_meters
+from meter_platform.runtime.servers import (
+    Server,
+    port_is_free,
+    spawn,
+    start_nats,
+    start_postgres,
+    wait_for_port,
+)
+from meter_platform.storage import db
 
 RUNTIME_FILE = "runtime.json"
 

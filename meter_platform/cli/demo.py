@@ -37,8 +37,8 @@ import httpx
 import msgspec
 from tqdm import tqdm
 
+from meter_platform.capture.envelope import datetime_to_us, format_timestamp, property_at
 from meter_platform.catalog import Catalog, Meter
-from meter_platform.events import datetime_to_us, format_timestamp, property_at
 
 #: Requests in flight at once: enough to keep the gateway's JetStream publishes (each an fsync) busy.
 CONCURRENCY = 8
@@ -138,7 +138,7 @@ def _whole_second(epoch_second: int) -> str:
 def rfc3339(epoch_us: int) -> str:
     """Microseconds since the epoch as RFC 3339 UTC with six fractional digits and ``Z``.
 
-    The same text as :func:`meter_platform.events.format_timestamp`, without a strftime per event.
+    The same text as :func:`meter_platform.capture.envelope.format_timestamp`, without a strftime per event.
     """
     second, micro = divmod(epoch_us, 1_000_000)
     return f"{_whole_second(second)}.{micro:06d}Z"

@@ -1,78 +1,23 @@
-"""Data-quality checks as plain functions over PostgreSQL (no Dagster import), and their record.
+"""Data-quality checks as plain SQL over PostgreSQL (no Dagster import).
 
-Each check returns a :class:`CheckOutcome`; ``record`` stores it in ``quality_check_results``, which the
-alert sensor reads. ERROR outcomes of reconciliation and ledger continuity block finalizing invoices
-(:func:`blocking_failures`).
+Each check returns a :class:`~meter_platform.quality.registry.CheckOutcome` of a check named in the
+registry; ``quality.outcomes.record`` stores it.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import psycopg
-import yaml
 
-from meter_platform.catalog import Catalog, Meter
-from meter_platform.db import sqlalchemy_url
-from meter_platform.meters import minute_aggregates_sql
-
-#: Checks whose failure (severity ERROR) blocks finalizing invoices.
-BLOCKING_CHECKS = ("aggregates_reconcile_with_raw_events", "ledger_continuity")
-
-
-@dataclass(frozen=True)
-class CheckOutcome:
-    """The result of one check evaluation."""
-
-    check_name: str
-    asset: str
-    passed: bool
-    severity: str  # "ERROR" or "WARN"
-    description: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def record(conn: psycopg.Connection, outcome: CheckOutcome, run_id: str | None = None) -> None:
-    """Store one evaluation (the caller commits)."""
-    conn.execute(
-        "INSERT INTO quality_check_results (check_name, asset, passed, severity, description, metadata, run_id)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (
-            outcome.check_name,
-            outcome.asset,
-            outcome.passed,
-            outcome.severity,
-            outcome.description,
-            json.dumps(outcome.metadata, default=str),
-            run_id,
-        ),
-    )
-
-
-def latest_outcomes(conn: psycopg.Connection) -> list[CheckOutcome]:
-    """The newest evaluation of every check."""
-    rows = conn.execute(
-        "SELECT DISTINCT ON (asset, check_name) check_name, asset, passed, severity, description, metadata"
-        " FROM quality_check_results ORDER BY asset, check_name, evaluated_at DESC, result_id DESC"
-    ).fetchall()
-    return [CheckOutcome(*row) for row in rows]
-
-
-def blocking_failures(conn: psycopg.Connection) -> list[CheckOutcome]:
-    """Failing ERROR checks that must be fixed before invoices are finalized."""
-    return [
-        o
-        for o in latest_outcomes(conn)
-        if not o.passed and o.severity == "ERROR" and o.check_name in BLOCKING_CHECKS
-    ]
-
-
-# --- the checks -------------------------------------------------------------------------------------
+from meter_platform.catalog import Meter
+from meter_platform.meters.aggregates import minute_aggregates_sql
+from meter_platform.quality import registry
+from meter_platform.quality.registry import CheckOutcome
 
 
 @dataclass(frozen=True)
@@ -163,11 +108,9 @@ def reconcile_aggregates(
         )
     else:
         description = f"{compared} closed minute windows of {len(meters)} meters equal their raw events"
-    return CheckOutcome(
+    return registry.outcome(
         "aggregates_reconcile_with_raw_events",
-        "usage_minute_aggregates",
         not mismatches,
-        "ERROR",
         description,
         {
             "windows_compared": compared,
@@ -218,11 +161,9 @@ def ledger_continuity(conn: psycopg.Connection, ack_floor: int, stream_created: 
             if missing
             else f"{bad_rows} ledger rows do not balance (events != stored + duplicates + quarantined)"
         )
-    return CheckOutcome(
+    return registry.outcome(
         "ledger_continuity",
-        "usage_events",
         passed,
-        "ERROR",
         description,
         {
             "ack_floor": ack_floor,
@@ -262,11 +203,9 @@ def freshness(
         if stale
         else f"every meter with events got one within {settings.freshness}"
     )
-    return CheckOutcome(
+    return registry.outcome(
         "freshness",
-        "usage_events",
         not stale,
-        "WARN",
         description,
         {"age_seconds": ages, "stale": stale, "threshold_seconds": settings.freshness.total_seconds()},
     )
@@ -312,11 +251,9 @@ def volume_anomaly(
         else f"{len(observed)} meter(s) with {settings.volume_min_days}+ days of history are within "
         f"x{settings.volume_factor:g} of their trailing daily mean"
     )
-    return CheckOutcome(
+    return registry.outcome(
         "volume_anomaly",
-        "usage_minute_aggregates",
         not anomalies,
-        "WARN",
         description,
         {"meters": observed, "anomalies": anomalies},
     )
@@ -342,11 +279,9 @@ def ingest_rates(
         passed = rate <= limit
         what = name.split("_")[0]
         out.append(
-            CheckOutcome(
+            registry.outcome(
                 name,
-                "quarantined_events" if what == "quarantine" else "usage_events",
                 passed,
-                "WARN",
                 f"{count} of {events} events in the last 24 h were {what}d ({rate:.1%}; the limit is {limit:.0%})"
                 if what == "duplicate"
                 else f"{count} of {events} events in the last 24 h were quarantined ({rate:.1%}; the limit is {limit:.0%})",
@@ -354,151 +289,3 @@ def ingest_rates(
             )
         )
     return out
-
-
-def expectation_checks(database_url: str, catalog: Catalog, settings: QualitySettings) -> list[CheckOutcome]:
-    """The checks great-expectations runs against PostgreSQL.
-
-    - ``no_negative_quantities``: event and value counts of every meter, and sums of meters whose value
-      property is declared ``min >= 0``, are never negative;
-    - ``values_within_declared_ranges``: stored events' numeric properties respect events.yaml's min/max;
-    - ``every_customer_known``: every customer with usage is listed in ``customers.yaml`` (when the
-      catalog has one; without it, every customer is accepted and the check says so).
-
-    great-expectations costs seconds to import, so it is imported here, never on the ingestion path.
-    """
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # no bars in run logs
-    source = context.data_sources.add_postgres(
-        "meter", connection_string=sqlalchemy_url(database_url, driver="psycopg2")
-    )
-    since = f"now() - interval '{int(settings.lookback.total_seconds())} seconds'"
-    counter = iter(range(1_000_000))
-
-    def validate(query: str, expectation: Any) -> Any:
-        asset = source.add_query_asset(f"q{next(counter)}", query=query)
-        batch = asset.add_batch_definition_whole_table("all").get_batch()
-        return batch.validate(expectation)
-
-    def unexpected(result: Any) -> tuple[int, list[Any]]:
-        return int(result.result.get("unexpected_count") or 0), list(
-            result.result.get("partial_unexpected_list") or []
-        )
-
-    outcomes: list[CheckOutcome] = []
-    # 1. No negative quantities.
-    non_negative_sums = []
-    for meter in catalog.meters:
-        spec = catalog.event_types.get(meter.event_type)
-        prop = next((p for p in spec.properties if p.name == meter.value_property), None) if spec else None
-        if meter.aggregation == "sum" and prop is not None and prop.min is not None and prop.min >= 0:
-            non_negative_sums.append(meter.slug)
-    found: dict[str, Any] = {}
-    for column, slugs in (("event_count", None), ("value_count", None), ("value_sum", non_negative_sums)):
-        where = f"minute >= {since}" + (
-            f" AND meter_slug IN ({', '.join(repr(s) for s in slugs)})" if slugs else ""
-        )
-        if slugs == []:
-            continue
-        count, sample = unexpected(
-            validate(
-                f"SELECT {column} FROM usage_minute_aggregates WHERE {where}",
-                gxe.ExpectColumnValuesToBeBetween(column=column, min_value=0),
-            )
-        )
-        if count:
-            found[column] = {"rows": count, "sample": [str(v) for v in sample[:5]]}
-    outcomes.append(
-        CheckOutcome(
-            "no_negative_quantities",
-            "usage_minute_aggregates",
-            not found,
-            "ERROR",
-            "negative quantities in " + ", ".join(f"{k} ({v['rows']} rows)" for k, v in found.items())
-            if found
-            else "no negative counts or sums in the aggregates",
-            {"negative": found, "non_negative_sum_meters": non_negative_sums},
-        )
-    )
-    # 2. Values within the ranges events.yaml declares.
-    out_of_range: dict[str, Any] = {}
-    checked = 0
-    for spec in catalog.event_types.values():
-        for prop in spec.properties:
-            if prop.type not in ("integer", "number") or (prop.min is None and prop.max is None):
-                continue
-            checked += 1
-            path = "{" + ",".join(prop.name.split(".")) + "}"
-            count, sample = unexpected(
-                validate(
-                    f"SELECT CAST(properties #>> '{path}' AS numeric) AS v FROM usage_events"
-                    f" WHERE event_type = '{spec.name}' AND jsonb_typeof(properties #> '{path}') = 'number'"
-                    f" AND received_at >= {since}",
-                    gxe.ExpectColumnValuesToBeBetween(column="v", min_value=prop.min, max_value=prop.max),
-                )
-            )
-            if count:
-                out_of_range[f"{spec.name}.{prop.name}"] = {
-                    "rows": count,
-                    "sample": [str(v) for v in sample[:5]],
-                }
-    outcomes.append(
-        CheckOutcome(
-            "values_within_declared_ranges",
-            "usage_events",
-            not out_of_range,
-            "ERROR",
-            "stored values outside their declared range: " + ", ".join(out_of_range)
-            if out_of_range
-            else f"{checked} declared numeric ranges hold for the stored events",
-            {"properties_checked": checked, "out_of_range": out_of_range},
-        )
-    )
-    # 3. Every customer known.
-    known = catalog_customers(catalog)
-    if known is None:
-        outcomes.append(
-            CheckOutcome(
-                "every_customer_known",
-                "usage_events",
-                True,
-                "WARN",
-                "no customers.yaml in the catalog: every customer id is accepted",
-                {"registry": False},
-            )
-        )
-    else:
-        count, sample = unexpected(
-            validate(
-                f"SELECT DISTINCT customer_id FROM usage_minute_aggregates WHERE minute >= {since}",
-                gxe.ExpectColumnValuesToBeInSet(column="customer_id", value_set=sorted(known)),
-            )
-        )
-        outcomes.append(
-            CheckOutcome(
-                "every_customer_known",
-                "usage_events",
-                count == 0,
-                "WARN",
-                f"{count} customer(s) with usage are not in customers.yaml, e.g. {', '.join(map(str, sample[:5]))}"
-                if count
-                else f"every customer with usage is one of the {len(known)} in customers.yaml",
-                {"registry": True, "unknown_customers": count, "sample": [str(v) for v in sample[:20]]},
-            )
-        )
-    return outcomes
-
-
-def catalog_customers(catalog: Catalog) -> set[str] | None:
-    """The customer ids of ``customers.yaml`` in the catalog folder, or None when there is none."""
-    if catalog.directory is None:
-        return None
-    path = catalog.directory / "customers.yaml"
-    if not path.exists():
-        return None
-    data = yaml.safe_load(path.read_text()) or {}
-    return {str(c["id"] if isinstance(c, dict) else c) for c in data.get("customers") or []}
