@@ -826,8 +826,9 @@ def _write_stats(path: Path, stats: dict[str, Any]) -> None:
 def drain_child(args: argparse.Namespace) -> int:
     """``--role drain``: run the pipeline's drain() until SIGTERM, timing the writer's batches."""
     from meter_platform.catalog import load_catalog
-    from meter_platform.config import load_settings
-    from meter_platform.ingestion.writer import BatchCounts, DrainSettings, MicroBatchWriter, drain
+    from meter_platform.config import DrainSettings, load_settings
+    from meter_platform.ingestion.drain import drain
+    from meter_platform.ingestion.writer import BatchCounts, MicroBatchWriter
 
     stats = {"batches": 0, "messages": 0, "events": 0, "write_seconds": 0.0, "empty_fetches": 0}
     stats_file = Path(args.stats_file)

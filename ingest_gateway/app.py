@@ -32,16 +32,15 @@ from meter_platform.capture.envelope import (
     GatewayBatch,
     ItemError,
     check_times,
-    decode_any,
+    datetime_to_us,
     decode_events,
     decode_ndjson,
     encode_batch,
     format_timestamp,
     new_event_id,
     now_us,
-    parse_timestamp,
-    us_to_datetime,
 )
+from meter_platform.capture.messages import Message, find_event
 from meter_platform.catalog import Catalog, load_catalog
 from meter_platform.config import (
     BATCH_HEADER,
@@ -52,9 +51,8 @@ from meter_platform.config import (
     load_settings,
     require_url,
 )
+from meter_platform.ingestion.ledger import LEDGER_TOTALS_SQL, LedgerTotals
 from meter_platform.ingestion.quarantine import (
-    LEDGER_TOTALS_SQL,
-    LedgerTotals,
     QuarantineQueryError,
     list_answer,
     list_sql,
@@ -206,41 +204,25 @@ class Gateway:
                 continue
             data = msg.data or b""
             header_id = (msg.headers or {}).get("Nats-Msg-Id")
+            # A cheap test first: the id is in the body or the header, or the message may hold events
+            # published without ids (whose ids are made from the sequence when they are read).
             if (
                 header_id != event_id
                 and event_id.encode() not in data
                 and msgspec.json.encode(event_id)[1:-1] not in data
+                and not event_id.startswith(f"nats-{seq}-")
             ):
                 continue
-            try:
-                decoded = decode_any(data)
-            except msgspec.DecodeError:
-                continue
-            items = (
-                decoded.get("events", [])
-                if isinstance(decoded, dict) and "events" in decoded
-                else (decoded if isinstance(decoded, list) else [decoded])
+            message = Message(
+                seq=seq,
+                subject=msg.subject or "",
+                data=data,
+                headers=msg.headers,
+                timestamp_us=datetime_to_us(msg.time) if msg.time else now_us(),
             )
-            for item in items:
-                if not isinstance(item, dict):
-                    continue
-                by_header = header_id == event_id and len(items) == 1 and not item.get("id")
-                if item.get("id") == event_id or by_header:
-                    out = dict(item, id=event_id)
-                    if isinstance(decoded, dict) and "received_at" in decoded:
-                        out["received_at"] = format_timestamp(us_to_datetime(decoded["received_at"]))
-                    elif msg.time is not None:
-                        out["received_at"] = format_timestamp(msg.time)
-                        try:
-                            ts = item.get("timestamp")
-                            out["timestamp"] = (
-                                format_timestamp(parse_timestamp(ts)) if ts else out["received_at"]
-                            )
-                        except (ValueError, TypeError):
-                            pass
-                    out["state"] = "pending"
-                    out["stream_seq"] = seq
-                    return out
+            found = find_event(message, event_id)
+            if found is not None:
+                return {**found, "state": "pending", "stream_seq": seq}
         return None
 
 

@@ -1,13 +1,17 @@
 """Settings read from the environment (``METER_*``), with the defaults of the embedded platform.
 
-Every process of the platform (gateway, Dagster daemon and runs, CLI) reads its settings here, so one
-variable means the same thing everywhere.
+The only reader of ``METER_*`` variables. Every process of the platform (gateway, Dagster daemon and
+runs, CLI) reads its settings here, so one variable means the same thing everywhere; nothing is read at
+import time: each ``load_*`` function reads the environment when it is called. One typed settings class
+per room: :class:`Settings` (the platform), :class:`IngestionSettings` and :class:`DrainSettings`
+(ingestion), :class:`StreamLimits` (capture), :class:`QualitySettings` (quality).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -34,6 +38,21 @@ def _env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError as exc:
         raise SystemExit(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from exc
+
+
+def env(name: str) -> str | None:
+    """A ``METER_*`` variable as set (None when unset or empty), for settings read in one place only."""
+    return os.environ.get(name) or None
 
 
 def project_root() -> Path:
@@ -77,3 +96,70 @@ def require_url(value: str | None, name: str) -> str:
             f"or export {name} to point at your server."
         )
     return value
+
+
+@dataclass(frozen=True)
+class DrainSettings:
+    """How a run drains the stream; the defaults are those of the Dagster ingestion job."""
+
+    batch_size: int = 500  # messages per fetch; a gateway message carries up to thousands of events
+    fetch_timeout: float = 1.0  # seconds to wait for the first message of a batch
+    max_seconds: float = 300.0  # the run's time budget: the next run picks up after it
+    idle_seconds: float = 60.0  # keep polling this long after the last event: freshness in seconds
+
+
+@dataclass(frozen=True)
+class IngestionSettings:
+    """Limits of the micro-batch pipeline and of the runs that drive it."""
+
+    max_lateness: timedelta = timedelta(days=35)  # older events are quarantined as too_late
+    max_ingest_runs: int = 2  # runs that may drain at once (dagster.yaml's tag limit enforces it too)
+    scale_out_backlog: int = 2000  # with one run draining, start a second above this many waiting messages
+
+
+def load_ingestion_settings() -> IngestionSettings:
+    """``METER_MAX_LATENESS_DAYS``, ``METER_MAX_INGEST_RUNS``, ``METER_SCALE_OUT_BACKLOG``."""
+    return IngestionSettings(
+        max_lateness=timedelta(days=_env_float("METER_MAX_LATENESS_DAYS", 35)),
+        max_ingest_runs=_env_int("METER_MAX_INGEST_RUNS", 2),
+        scale_out_backlog=_env_int("METER_SCALE_OUT_BACKLOG", 2000),
+    )
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Size limits of the events stream (-1: unlimited); a full stream refuses publishes (503)."""
+
+    max_bytes: int = -1
+    max_msgs: int = -1
+
+
+def load_stream_limits() -> StreamLimits:
+    """``METER_STREAM_MAX_BYTES``, ``METER_STREAM_MAX_MSGS``."""
+    return StreamLimits(
+        max_bytes=_env_int("METER_STREAM_MAX_BYTES", -1), max_msgs=_env_int("METER_STREAM_MAX_MSGS", -1)
+    )
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """Thresholds of the data-quality checks (environment: ``METER_QUALITY_*``)."""
+
+    lookback: timedelta = timedelta(hours=48)  # how far back reconciliation and ranges look
+    closed_after: timedelta = timedelta(minutes=1)  # a minute window is closed this long after it ends
+    freshness: timedelta = timedelta(hours=1)
+    max_quarantine_rate: float = 0.05
+    max_duplicate_rate: float = 0.20
+    volume_factor: float = 3.0  # today vs the trailing daily mean: outside [mean/f, mean*f] is an anomaly
+    volume_min_days: int = 3
+
+    @classmethod
+    def from_env(cls) -> QualitySettings:
+        """Read overrides from the environment."""
+        return cls(
+            lookback=timedelta(hours=_env_float("METER_QUALITY_LOOKBACK_HOURS", 48)),
+            freshness=timedelta(minutes=_env_float("METER_QUALITY_FRESHNESS_MINUTES", 60)),
+            max_quarantine_rate=_env_float("METER_QUALITY_MAX_QUARANTINE_RATE", 0.05),
+            max_duplicate_rate=_env_float("METER_QUALITY_MAX_DUPLICATE_RATE", 0.20),
+            volume_factor=_env_float("METER_QUALITY_VOLUME_FACTOR", 3),
+        )

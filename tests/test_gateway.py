@@ -18,8 +18,7 @@ from starlette.testclient import TestClient
 
 from ingest_gateway.app import create_app
 from meter_platform.capture import jetstream
-from meter_platform.config import STREAM_NAME
-from meter_platform.ingestion.writer import DrainSettings
+from meter_platform.config import STREAM_NAME, DrainSettings
 from meter_platform.runtime.servers import start_nats
 from tests.helpers import api_call, backlog, publish, query, run_drain, scalar
 
@@ -506,6 +505,23 @@ def test_get_pending_event_published_straight_to_nats(client, nats_server):
     assert got["state"] == "pending" and got["id"] == "direct-header" and got["customer_id"] == "c5"
     assert MICROS.match(got.get("received_at") or ""), got
     assert got["timestamp"] == got["received_at"]
+
+
+def test_event_published_straight_to_nats_without_any_id_is_found_pending_under_its_stored_id(
+    client, nats_server, database_url, catalog
+):
+    # No id in the body and no Nats-Msg-Id: the pipeline stores these as nats-<seq>-<index>, and the
+    # lookup of pending events must read the message the same way.
+    publish(nats_server.url, [api_call(None, customer="c6", ts=None), api_call(None, customer="c7", ts=None)])
+    seq = backlog(nats_server.url).last_seq
+    for index, customer in enumerate(("c6", "c7")):
+        response = client.get(f"/v1/events/nats-{seq}-{index}")
+        assert response.status_code == 200, response.text
+        got = response.json()
+        assert got["state"] == "pending" and got["customer_id"] == customer and got["stream_seq"] == seq
+    drain(nats_server, database_url, catalog)
+    stored = client.get(f"/v1/events/nats-{seq}-1").json()
+    assert stored["state"] == "stored" and stored["customer_id"] == "c7"
 
 
 def test_get_unknown_event_is_404(client, nats_server):

@@ -23,9 +23,10 @@ from meter_platform.capture.envelope import (
     encode_batch,
     format_timestamp,
 )
+from meter_platform.capture.messages import Message
 from meter_platform.catalog import Meter, load_catalog
 from meter_platform.config import BATCH_HEADER, GATEWAY_SUBJECT
-from meter_platform.ingestion.writer import Message, MicroBatchWriter
+from meter_platform.ingestion.writer import MicroBatchWriter
 from meter_platform.meters.aggregates import psycopg_bind
 from meter_platform.meters.rebuild import sync_meters
 from meter_platform.meters.usage import UsageQuery, usage_sql

@@ -8,8 +8,7 @@ from decimal import Decimal
 import pytest
 
 from meter_platform.capture import jetstream
-from meter_platform.config import CONSUMER_NAME, STREAM_NAME
-from meter_platform.ingestion.writer import DrainSettings
+from meter_platform.config import CONSUMER_NAME, STREAM_NAME, DrainSettings
 from tests.helpers import RECENT, api_call, backlog, publish, query, run_drain, scalar
 
 pytestmark = pytest.mark.usefixtures("clean")

@@ -18,7 +18,8 @@ import pytest
 from meter_platform.catalog import Catalog, load_catalog
 from meter_platform.cli import main
 from meter_platform.config import EXAMPLE_CATALOG_DIR
-from meter_platform.ingestion.quarantine import QuarantineFilter, ReplaySummary, replay_quarantine
+from meter_platform.ingestion.quarantine import QuarantineFilter
+from meter_platform.ingestion.quarantine_replay import ReplaySummary, replay_quarantine
 from meter_platform.storage import db
 from tests.helpers import RECENT, api_call, publish, query, run_drain, scalar
 

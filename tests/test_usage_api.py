@@ -15,7 +15,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from ingest_gateway.app import create_app
-from meter_platform.ingestion.writer import DrainSettings
+from meter_platform.config import DrainSettings
 from tests.helpers import api_call, publish, run_drain
 
 pytestmark = pytest.mark.usefixtures("clean")

@@ -4,7 +4,6 @@ that the micro-batch job drains. Created idempotently by every process that need
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -22,7 +21,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from meter_platform.config import CONSUMER_NAME, STREAM_NAME, STREAM_SUBJECTS
+from meter_platform.config import CONSUMER_NAME, STREAM_NAME, STREAM_SUBJECTS, load_stream_limits
 
 #: How long a delivered message may stay un-acked before JetStream redelivers it. A micro-batch
 #: commits well within this; a run killed mid-batch has its messages redelivered after it.
@@ -39,14 +38,15 @@ def stream_config() -> StreamConfig:
     the stream when the pipeline acks it, after its commit. ``discard: new`` makes a full stream
     refuse new publishes (the gateway answers 503) rather than drop events nobody has stored yet.
     """
+    limits = load_stream_limits()
     return StreamConfig(
         name=STREAM_NAME,
         subjects=STREAM_SUBJECTS,
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         discard=DiscardPolicy.NEW,
-        max_bytes=int(os.environ.get("METER_STREAM_MAX_BYTES", "-1")),
-        max_msgs=int(os.environ.get("METER_STREAM_MAX_MSGS", "-1")),
+        max_bytes=limits.max_bytes,
+        max_msgs=limits.max_msgs,
         duplicate_window=DUPLICATE_WINDOW_SECONDS,
         num_replicas=1,
     )

@@ -216,12 +216,8 @@ def cmd_quarantine_replay(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from meter_platform.catalog import load_catalog
-    from meter_platform.ingestion.quarantine import (
-        QuarantineFilter,
-        count_quarantined,
-        parse_reasons,
-        replay_quarantine,
-    )
+    from meter_platform.ingestion.quarantine import QuarantineFilter, parse_reasons
+    from meter_platform.ingestion.quarantine_replay import count_quarantined, replay_quarantine
     from meter_platform.ingestion.validation import validate_catalog_types
 
     database_url = _database_url()

@@ -17,6 +17,7 @@ import pandera.polars as pa
 import polars as pl
 
 from meter_platform.capture.envelope import parse_timestamp, property_at
+from meter_platform.capture.messages import Failure
 from meter_platform.catalog import Catalog, EventTypeSpec, PropertySpec
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -35,19 +36,6 @@ _POLARS_TYPE: dict[str, Any] = {
     "boolean": pl.Boolean,
     "timestamp": pl.Datetime("us", "UTC"),
 }
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why one event failed validation."""
-
-    field: str
-    reason: str
-    message: str
-
-    def as_json(self) -> dict[str, str]:
-        """The failure as stored in ``quarantined_events.reasons``."""
-        return {"field": self.field, "reason": self.reason, "message": self.message}
 
 
 @dataclass(frozen=True)

@@ -28,65 +28,31 @@ aggregated by exactly the code that ingests it from JetStream.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TypeVar
 
 import msgspec
 import psycopg
-from nats.errors import TimeoutError as NatsTimeoutError
 
-from meter_platform.capture.envelope import (
-    MAX_FUTURE_SKEW,
-    convert_event,
-    datetime_to_us,
-    decode_any,
-    decode_batch,
-    format_timestamp,
-    now_us,
-    parse_timestamp,
-    us_to_datetime,
-)
-from meter_platform.capture.jetstream import connect, ensure_stream_and_consumer, stream_incarnation
+from meter_platform.capture.envelope import format_timestamp
+from meter_platform.capture.messages import EventRows, Failure, Message, Rejected, decode_message
 from meter_platform.catalog import Catalog
-from meter_platform.config import BATCH_HEADER, CONSUMER_NAME, STREAM_NAME
-from meter_platform.ingestion.validation import Failure, validate_event_type
+from meter_platform.config import load_ingestion_settings
+from meter_platform.ingestion import ledger
+from meter_platform.ingestion.validation import validate_event_type
 from meter_platform.meters.aggregates import active_meters, aggregate_upsert_sql
 from meter_platform.storage import db
 
 log = logging.getLogger(__name__)
 
 
-def default_max_lateness() -> timedelta:
-    """How late an event may arrive and still be counted (``METER_MAX_LATENESS_DAYS``, default 35)."""
-    return timedelta(days=float(os.environ.get("METER_MAX_LATENESS_DAYS", "35")))
-
-
 _json = msgspec.json.Encoder()
 T = TypeVar("T")
-
-
-#: The stream incarnation of messages whose stream's creation time is not known (tests, tools).
-STREAM_CREATED_UNKNOWN = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-@dataclass(frozen=True)
-class Message:
-    """A JetStream message as the pipeline needs it."""
-
-    seq: int
-    subject: str
-    data: bytes
-    headers: dict[str, str] | None
-    timestamp_us: int  # when JetStream stored it
-    # When the stream was created: sequences restart at 1 in a stream created again.
-    stream_created: datetime = STREAM_CREATED_UNKNOWN
 
 
 @dataclass
@@ -120,175 +86,6 @@ class BatchCounts:
         return self.events == self.stored + self.duplicates + self.quarantined
 
 
-@dataclass
-class EventRows:
-    """The batch's events in columns, as written to PostgreSQL."""
-
-    ids: list[str] = field(default_factory=list)
-    event_types: list[str] = field(default_factory=list)
-    customer_ids: list[str] = field(default_factory=list)
-    # The gateway's timestamps arrive normalized (UTC, microseconds) and go to PostgreSQL as text;
-    # those of directly published events are parsed here, to check them.
-    timestamps: list[datetime | str] = field(default_factory=list)
-    received: list[datetime] = field(default_factory=list)
-    properties: list[dict[str, Any]] = field(default_factory=list)
-    metadata: list[dict[str, Any]] = field(default_factory=list)
-    seqs: list[int] = field(default_factory=list)
-
-
-@dataclass
-class Rejected:
-    """An event (or an unreadable message) that failed a check, with the reasons."""
-
-    event_id: str | None
-    event_type: str | None
-    customer_id: str | None
-    ts: datetime | str | None
-    received: datetime
-    payload: Any
-    payload_text: str | None
-    reasons: list[Failure]
-    seq: int
-
-
-def decode_item(
-    item: Any, received: datetime, seq: int, fallback_id: str, rows: EventRows, bad: list[Rejected]
-) -> bool:
-    """Check one event as directly published (a JSON value) and append it to ``rows`` or ``bad``.
-
-    The envelope is checked as the gateway checks it at its door, and a timestamp more than
-    ``MAX_FUTURE_SKEW`` after ``received`` is refused; ``fallback_id`` is the id of an event sent
-    without one. Returns whether the event went to ``rows``. Used for messages published straight to
-    NATS and for events replayed from quarantine.
-    """
-    event, error = convert_event(item)
-    if event is None or error is not None:
-        raw_id = item.get("id") if isinstance(item, dict) else None
-        bad.append(
-            Rejected(
-                raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= 128 else None,
-                item.get("event_type")
-                if isinstance(item, dict) and isinstance(item.get("event_type"), str)
-                else None,
-                item.get("customer_id")
-                if isinstance(item, dict) and isinstance(item.get("customer_id"), str)
-                else None,
-                None,
-                received,
-                item,
-                None,
-                [
-                    Failure(
-                        error.field if error else "",
-                        "invalid_envelope",
-                        error.message if error else "invalid",
-                    )
-                ],
-                seq,
-            )
-        )
-        return False
-    event_id = event.id or fallback_id
-    ts = received
-    if event.timestamp is not None:
-        try:
-            ts = parse_timestamp(event.timestamp)
-        except ValueError as exc:  # RFC 3339 in form but not a date (month 13, year 0): as the gateway says
-            bad.append(
-                Rejected(
-                    event_id,
-                    event.event_type,
-                    event.customer_id,
-                    None,
-                    received,
-                    item,
-                    None,
-                    [Failure("timestamp", "invalid_envelope", str(exc))],
-                    seq,
-                )
-            )
-            return False
-        if ts > received + MAX_FUTURE_SKEW:
-            bad.append(
-                Rejected(
-                    event_id,
-                    event.event_type,
-                    event.customer_id,
-                    ts,
-                    received,
-                    item,
-                    None,
-                    [
-                        Failure(
-                            "timestamp",
-                            "future_timestamp",
-                            "is more than 5 minutes ahead of the time JetStream stored it",
-                        )
-                    ],
-                    seq,
-                )
-            )
-            return False
-    rows.ids.append(event_id)
-    rows.event_types.append(event.event_type)
-    rows.customer_ids.append(event.customer_id)
-    rows.timestamps.append(ts)
-    rows.received.append(received)
-    rows.properties.append(event.properties)
-    rows.metadata.append(event.metadata)
-    rows.seqs.append(seq)
-    return True
-
-
-def _decode_message(
-    msg: Message, rows: EventRows, bad: list[Rejected], per_msg_events: dict[int, int]
-) -> None:
-    """Append the message's events to ``rows`` (or ``bad``), counting them per message."""
-    received = us_to_datetime(msg.timestamp_us)
-    if msg.headers and BATCH_HEADER in msg.headers:
-        batch = decode_batch(msg.data)
-        received = us_to_datetime(batch.received_at)
-        for ev in batch.events:
-            assert ev.id is not None and ev.timestamp is not None  # the gateway fills both in
-            rows.ids.append(ev.id)
-            rows.event_types.append(ev.event_type)
-            rows.customer_ids.append(ev.customer_id)
-            rows.timestamps.append(ev.timestamp)
-            rows.received.append(received)
-            rows.properties.append(ev.properties)
-            rows.metadata.append(ev.metadata)
-            rows.seqs.append(msg.seq)
-        per_msg_events[msg.seq] = len(batch.events)
-        return
-
-    # Published straight to NATS: check the envelope here, as the gateway does at its door.
-    try:
-        decoded = decode_any(msg.data)
-    except msgspec.DecodeError as exc:
-        bad.append(
-            Rejected(
-                None,
-                None,
-                None,
-                None,
-                received,
-                None,
-                msg.data.decode("utf-8", "replace"),
-                [Failure("", "not_json", f"the message is not valid JSON ({exc})")],
-                msg.seq,
-            )
-        )
-        per_msg_events[msg.seq] = 1
-        return
-    items = decoded if isinstance(decoded, list) else [decoded]
-    header_id = (msg.headers or {}).get("Nats-Msg-Id")
-    for i, item in enumerate(items):
-        # A stable id for events published without one: a redelivery then carries the same id.
-        fallback_id = header_id if (header_id and len(items) == 1) else f"nats-{msg.seq}-{i}"
-        decode_item(item, received, msg.seq, fallback_id, rows, bad)
-    per_msg_events[msg.seq] = len(items)
-
-
 def _iso(ts: datetime | str) -> str:
     return ts if isinstance(ts, str) else format_timestamp(ts)
 
@@ -317,13 +114,6 @@ def _storable_payload(q: Rejected) -> tuple[str | None, str | None]:
     return encoded, _no_nul(q.payload_text)
 
 
-def _one(cur: psycopg.Cursor) -> Any:
-    """The single value of a one-row answer."""
-    row = cur.fetchone()
-    assert row is not None
-    return row[0]
-
-
 class MicroBatchWriter:
     """Validates and writes micro-batches for one catalog into one database (steps 2-4 above).
 
@@ -333,7 +123,9 @@ class MicroBatchWriter:
     def __init__(self, catalog: Catalog, database_url: str, max_lateness: timedelta | None = None):
         self.catalog = catalog
         self.database_url = database_url
-        self.max_lateness = max_lateness if max_lateness is not None else default_max_lateness()
+        self.max_lateness = (
+            max_lateness if max_lateness is not None else load_ingestion_settings().max_lateness
+        )
         self._conn: psycopg.Connection | None = None
 
     def _too_late(self, rows: EventRows) -> dict[int, list[Failure]]:
@@ -442,7 +234,7 @@ class MicroBatchWriter:
         rows, bad = EventRows(), list[Rejected]()
         per_msg_events: dict[int, int] = {}
         for msg in messages:
-            _decode_message(msg, rows, bad, per_msg_events)
+            decode_message(msg, rows, bad, per_msg_events)
         # Inside one batch the first occurrence of an id wins; the others are duplicates (3b).
         seen: set[str] = set()
         keep = []
@@ -531,188 +323,78 @@ class MicroBatchWriter:
         run_id: str | None,
     ) -> BatchCounts:
         conn = self.connection()
-        seqs = sorted(m.seq for m in messages)
-        subjects = {m.seq: m.subject for m in messages}
         counts = BatchCounts(messages=len(messages), batches=1)
         with conn.transaction():
             cur = conn.cursor()
-            # 3a. Claim the messages; rows that already exist belong to an earlier commit.
-            # One fetch comes from one stream incarnation.
-            stream_created = messages[0].stream_created
-            batch_id = _one(
-                cur.execute(
-                    "INSERT INTO ingest_batches (run_id, stream_created, first_seq, last_seq, messages, events, stored,"
-                    " duplicates, quarantined) VALUES (%s, %s, %s, %s, 0, 0, 0, 0, 0) RETURNING batch_id",
-                    (run_id, stream_created, seqs[0], seqs[-1]),
-                )
-            )
-            claimed = {
-                r[0]
-                for r in cur.execute(
-                    "INSERT INTO ingest_messages (stream_created, stream_seq, batch_id, subject, events, stored,"
-                    " duplicates, quarantined) SELECT %s, s, %s, j, 0, 0, 0, 0"
-                    " FROM unnest(%s::bigint[], %s::text[]) AS t(s, j)"
-                    " ON CONFLICT (stream_created, stream_seq) DO NOTHING RETURNING stream_seq",
-                    (stream_created, batch_id, seqs, [subjects[s] for s in seqs]),
-                ).fetchall()
-            }
-            counts.redelivered = len(seqs) - len(claimed)
+            # 3a. Claim the messages; those already in the ledger belong to an earlier commit.
+            batch_id, claimed = ledger.claim(cur, messages, run_id)
+            counts.redelivered = len(messages) - len(claimed)
             if not claimed:
-                cur.execute("DELETE FROM ingest_batches WHERE batch_id = %s", (batch_id,))
+                ledger.drop_batch(cur, batch_id)
                 counts.messages = 0
                 return counts
-            counts.messages = len(claimed)
-            counts.first_seq, counts.last_seq = min(claimed), max(claimed)
             # 3b. Raw events, deduplicated by id against everything stored before.
             stored = self.insert_raw(cur, rows, claimed)
             # 3c. Quarantine, unless the id is stored already (then it is a duplicate).
-            quarantined: dict[int, int] = {}
-            todo = [q for q in bad if q.seq in claimed]
-            if todo:
-                cur.execute(
-                    "CREATE TEMP TABLE IF NOT EXISTS incoming_q (LIKE quarantined_events) ON COMMIT DELETE ROWS"
-                )
-                with cur.copy(
-                    "COPY incoming_q (quarantine_id, event_id, event_type, customer_id, ts, received_at, payload,"
-                    " payload_text, reasons, stream_seq, quarantined_at, status) FROM STDIN"
-                ) as copy:
-                    for n, q in enumerate(todo):
-                        payload, payload_text = _storable_payload(q)
-                        copy.write_row(
-                            (
-                                n,
-                                _no_nul(q.event_id),
-                                _no_nul(q.event_type),
-                                _no_nul(q.customer_id),
-                                q.ts,
-                                q.received,
-                                payload,
-                                payload_text,
-                                _json.encode([f.as_json() for f in q.reasons]).decode(),
-                                q.seq,
-                                datetime.now().astimezone(),
-                                "quarantined",
-                            )
-                        )
-                quarantined = dict(
-                    cur.execute(
-                        "WITH ins AS (INSERT INTO quarantined_events (event_id, event_type, customer_id, ts, received_at,"
-                        " payload, payload_text, reasons, stream_seq)"
-                        " SELECT event_id, event_type, customer_id, ts, received_at, payload, payload_text, reasons,"
-                        " stream_seq FROM incoming_q q WHERE q.event_id IS NULL OR NOT EXISTS"
-                        " (SELECT 1 FROM usage_events u WHERE u.id = q.event_id) ORDER BY quarantine_id"
-                        " ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING RETURNING stream_seq)"
-                        " SELECT stream_seq, count(*) FROM ins GROUP BY 1"
-                    ).fetchall()
-                )
+            quarantined = self.quarantine(cur, [q for q in bad if q.seq in claimed])
             # 3d. Aggregates from the newly stored rows only.
             if stored:
                 self.aggregate_new(conn)
             # 3e. The ledger: per message and per batch, events = stored + duplicates + quarantined.
-            ledger = []
-            for seq in sorted(claimed):
-                ev, st, qu = per_msg_events.get(seq, 0), stored.get(seq, 0), quarantined.get(seq, 0)
-                ledger.append((seq, ev, st, ev - st - qu, qu))
-                counts.events += ev
+            counts.messages = len(claimed)
+            counts.first_seq, counts.last_seq = min(claimed), max(claimed)
+            per_message = ledger.per_message(sorted(claimed), per_msg_events, stored, quarantined)
+            for _, events, st, _, qu in per_message:
+                counts.events += events
                 counts.stored += st
                 counts.quarantined += qu
             counts.duplicates = counts.events - counts.stored - counts.quarantined
-            cur.execute(
-                "UPDATE ingest_messages m SET events = t.e, stored = t.s, duplicates = t.d, quarantined = t.q"
-                " FROM unnest(%s::bigint[], %s::int[], %s::int[], %s::int[], %s::int[]) AS t(seq, e, s, d, q)"
-                " WHERE m.stream_seq = t.seq AND m.stream_created = %s",
-                [*(list(col) for col in zip(*ledger, strict=True)), stream_created],
-            )
-            cur.execute(
-                "UPDATE ingest_batches SET first_seq = %s, last_seq = %s, messages = %s, events = %s, stored = %s,"
-                " duplicates = %s, quarantined = %s WHERE batch_id = %s",
-                (
-                    counts.first_seq,
-                    counts.last_seq,
-                    counts.messages,
-                    counts.events,
-                    counts.stored,
-                    counts.duplicates,
-                    counts.quarantined,
-                    batch_id,
-                ),
-            )
+            ledger.record(cur, batch_id, messages[0].stream_created, per_message, counts)
         # 4. Committed (leaving the `with` block commits the transaction).
         return counts
 
+    def quarantine(self, cur: psycopg.Cursor, todo: list[Rejected]) -> dict[int, int]:
+        """Step 3c, inside the caller's transaction: keep rejected events with their reasons.
 
-@dataclass
-class DrainSettings:
-    """How a run drains the stream."""
-
-    batch_size: int = 500  # messages per fetch; a gateway message carries up to thousands of events
-    fetch_timeout: float = 1.0  # seconds to wait for the first message of a batch
-    max_seconds: float = 300.0  # the run's time budget: the next run picks up after it
-    idle_seconds: float = 5.0  # stop after this long with nothing to fetch
-
-
-def _to_message(msg: Any, stream_created: datetime) -> Message:
-    meta = msg.metadata
-    return Message(
-        seq=meta.sequence.stream,
-        subject=msg.subject,
-        data=msg.data,
-        headers=msg.headers,
-        timestamp_us=datetime_to_us(meta.timestamp) if meta.timestamp else now_us(),
-        stream_created=stream_created,
-    )
-
-
-async def drain(
-    nats_url: str,
-    database_url: str,
-    catalog: Catalog,
-    settings: DrainSettings | None = None,
-    run_id: str | None = None,
-    on_batch: Callable[[BatchCounts], None] | None = None,
-    crash_after_commit: bool = False,
-) -> BatchCounts:
-    """Drain the durable consumer in micro-batches until idle or out of time; return the run's counts.
-
-    ``crash_after_commit`` exists for the test that kills a run between commit and ack: it raises
-    right after the first commit, leaving that batch's messages un-acked.
-    """
-    settings = settings or DrainSettings()
-    total = BatchCounts()
-    writer = MicroBatchWriter(catalog, database_url)
-    nc = await connect(nats_url, name=f"meter-ingest-{run_id or 'local'}")
-    try:
-        js = nc.jetstream()
-        await ensure_stream_and_consumer(js)
-        stream_created = await stream_incarnation(js)
-        sub = await js.pull_subscribe_bind(CONSUMER_NAME, STREAM_NAME)
-        started = last_seen = time.monotonic()
-        while time.monotonic() - started < settings.max_seconds:
-            try:
-                fetched = await sub.fetch(settings.batch_size, timeout=settings.fetch_timeout)
-            except (NatsTimeoutError, TimeoutError):
-                if time.monotonic() - last_seen >= settings.idle_seconds:
-                    break
-                continue
-            if not fetched:  # nats-py can return an empty fetch on a stale pull status
-                continue
-            last_seen = time.monotonic()
-            messages = [_to_message(m, stream_created) for m in fetched]
-            # Steps 2-4, off the event loop so the NATS connection stays responsive.
-            counts = await asyncio.to_thread(writer.write, messages, run_id)
-            if crash_after_commit:
-                raise RuntimeError("simulated crash between commit and ack")
-            # 5. Only now, after the commit, ack. A crash before this line means redelivery, which
-            # step 3a turns into a no-op.
-            for m in fetched:
-                await m.ack()
-            await nc.flush()
-            total.add(counts)
-            if on_batch is not None:
-                on_batch(counts)
-        return total
-    finally:
-        writer.close()
-        # close(), not drain(): every ack was flushed above, and what was fetched but not acked must
-        # simply be left to redelivery.
-        await nc.close()
+        An event whose id is stored already is a duplicate, not quarantined; an id quarantined before
+        is not quarantined again. Returns the number quarantined per stream sequence.
+        """
+        if not todo:
+            return {}
+        cur.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS incoming_q (LIKE quarantined_events) ON COMMIT DELETE ROWS"
+        )
+        with cur.copy(
+            "COPY incoming_q (quarantine_id, event_id, event_type, customer_id, ts, received_at, payload,"
+            " payload_text, reasons, stream_seq, quarantined_at, status) FROM STDIN"
+        ) as copy:
+            now = datetime.now().astimezone()
+            for n, q in enumerate(todo):
+                payload, payload_text = _storable_payload(q)
+                copy.write_row(
+                    (
+                        n,
+                        _no_nul(q.event_id),
+                        _no_nul(q.event_type),
+                        _no_nul(q.customer_id),
+                        q.ts,
+                        q.received,
+                        payload,
+                        payload_text,
+                        _json.encode([f.as_json() for f in q.reasons]).decode(),
+                        q.seq,
+                        now,
+                        "quarantined",
+                    )
+                )
+        return dict(
+            cur.execute(
+                "WITH ins AS (INSERT INTO quarantined_events (event_id, event_type, customer_id, ts, received_at,"
+                " payload, payload_text, reasons, stream_seq)"
+                " SELECT event_id, event_type, customer_id, ts, received_at, payload, payload_text, reasons,"
+                " stream_seq FROM incoming_q q WHERE q.event_id IS NULL OR NOT EXISTS"
+                " (SELECT 1 FROM usage_events u WHERE u.id = q.event_id) ORDER BY quarantine_id"
+                " ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING RETURNING stream_seq)"
+                " SELECT stream_seq, count(*) FROM ins GROUP BY 1"
+            ).fetchall()
+        )

@@ -5,11 +5,11 @@
 and says which failures block invoice finalization.
 """
 
+from meter_platform.config import QualitySettings
 from meter_platform.quality.expectations import catalog_customers, expectation_checks
 from meter_platform.quality.outcomes import blocking_failures, latest_outcomes, record
 from meter_platform.quality.registry import BLOCKING_CHECKS, CHECKS, CheckOutcome, CheckSpec
 from meter_platform.quality.sql_checks import (
-    QualitySettings,
     freshness,
     ingest_rates,
     ledger_continuity,

@@ -8,9 +8,9 @@ from typing import Any
 import yaml
 
 from meter_platform.catalog import Catalog
+from meter_platform.config import QualitySettings
 from meter_platform.quality import registry
 from meter_platform.quality.outcomes import CheckOutcome
-from meter_platform.quality.sql_checks import QualitySettings
 from meter_platform.storage.db import sqlalchemy_url
 
 

@@ -6,8 +6,6 @@ registry; ``quality.outcomes.record`` stores it.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -15,34 +13,10 @@ from typing import Any
 import psycopg
 
 from meter_platform.catalog import Meter
+from meter_platform.config import QualitySettings
 from meter_platform.meters.aggregates import minute_aggregates_sql
 from meter_platform.quality import registry
 from meter_platform.quality.registry import CheckOutcome
-
-
-@dataclass(frozen=True)
-class QualitySettings:
-    """Thresholds of the checks (environment: ``METER_QUALITY_*``)."""
-
-    lookback: timedelta = timedelta(hours=48)  # how far back reconciliation and ranges look
-    closed_after: timedelta = timedelta(minutes=1)  # a minute window is closed this long after it ends
-    freshness: timedelta = timedelta(hours=1)
-    max_quarantine_rate: float = 0.05
-    max_duplicate_rate: float = 0.20
-    volume_factor: float = 3.0  # today vs the trailing daily mean: outside [mean/f, mean*f] is an anomaly
-    volume_min_days: int = 3
-
-    @classmethod
-    def from_env(cls) -> QualitySettings:
-        """Read overrides from the environment."""
-        env = os.environ.get
-        return cls(
-            lookback=timedelta(hours=float(env("METER_QUALITY_LOOKBACK_HOURS", "48"))),
-            freshness=timedelta(minutes=float(env("METER_QUALITY_FRESHNESS_MINUTES", "60"))),
-            max_quarantine_rate=float(env("METER_QUALITY_MAX_QUARANTINE_RATE", "0.05")),
-            max_duplicate_rate=float(env("METER_QUALITY_MAX_DUPLICATE_RATE", "0.20")),
-            volume_factor=float(env("METER_QUALITY_VOLUME_FACTOR", "3")),
-        )
 
 
 def reconcile_aggregates(

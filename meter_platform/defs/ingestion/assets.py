@@ -18,8 +18,10 @@ from dagster import (
     multi_asset,
 )
 
+from meter_platform.config import DrainSettings
 from meter_platform.defs.resources import CatalogResource, NatsResource, PostgresResource
-from meter_platform.ingestion.writer import BatchCounts, DrainSettings, drain
+from meter_platform.ingestion.drain import drain
+from meter_platform.ingestion.writer import BatchCounts
 from meter_platform.storage import db
 
 JETSTREAM_EVENTS = AssetSpec(
@@ -32,15 +34,15 @@ JETSTREAM_EVENTS = AssetSpec(
 
 
 #: A run's time budget: then it stops, and the sensor has already requested its successor.
-RUN_SECONDS = 300.0
+RUN_SECONDS = DrainSettings.max_seconds
 
 
 class DrainConfig(Config):
-    """How long one run drains, and in what batch size."""
+    """How long one run drains, and in what batch size (defaults: :class:`DrainSettings`)."""
 
-    max_seconds: float = RUN_SECONDS
-    idle_seconds: float = 60.0  # keep polling this long after the last event: freshness in seconds
-    batch_size: int = 500
+    max_seconds: float = DrainSettings.max_seconds
+    idle_seconds: float = DrainSettings.idle_seconds
+    batch_size: int = DrainSettings.batch_size
 
 
 @multi_asset(

@@ -1,6 +1,5 @@
 """The sensor that keeps the stream drained: a run whenever events wait and too few runs drain them."""
 
-import os
 import time
 
 from dagster import (
@@ -13,14 +12,11 @@ from dagster import (
     sensor,
 )
 
+from meter_platform.config import load_ingestion_settings
 from meter_platform.defs.ingestion.assets import RUN_SECONDS
 from meter_platform.defs.ingestion.jobs import ingest_microbatch_job
 from meter_platform.defs.resources import NatsResource
 
-#: Runs that may drain at once (the run queue's tag limit in dagster.yaml enforces it too).
-MAX_CONCURRENT_RUNS = int(os.environ.get("METER_MAX_INGEST_RUNS", "2"))
-#: With one run already draining, start a second only when this many messages are undelivered.
-SCALE_OUT_BACKLOG = int(os.environ.get("METER_SCALE_OUT_BACKLOG", "2000"))
 # NOT_STARTED is left out on purpose: a run whose submission failed stays there forever.
 ACTIVE_RUN_STATUSES = [DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
 #: A run stops after RUN_SECONDS (its time budget); its successor is requested this long before, so
@@ -36,6 +32,7 @@ HANDOFF_LEAD_SECONDS = 60.0
 )
 def jetstream_backlog_sensor(context: SensorEvaluationContext, nats: NatsResource):
     """Look at the durable consumer's backlog and the runs already draining it."""
+    limits = load_ingestion_settings()
     backlog = nats.backlog()
     waiting = backlog.pending + backlog.ack_pending
     records = context.instance.get_run_records(
@@ -46,7 +43,7 @@ def jetstream_backlog_sensor(context: SensorEvaluationContext, nats: NatsResourc
     arriving = context.cursor is not None and backlog.last_seq > int(context.cursor)
     context.update_cursor(str(backlog.last_seq))
     tags = {"meter/backlog": str(waiting), "meter/stream_seq": str(backlog.last_seq)}
-    if active >= MAX_CONCURRENT_RUNS:
+    if active >= limits.max_ingest_runs:
         return SkipReason(f"{active} runs already draining (the limit); {waiting} messages waiting")
     if (
         active
@@ -56,7 +53,7 @@ def jetstream_backlog_sensor(context: SensorEvaluationContext, nats: NatsResourc
         return RunRequest(tags={**tags, "meter/handoff": "true"})
     if waiting == 0:
         return SkipReason(f"no events waiting (stream at seq {backlog.last_seq})")
-    if active > 0 and backlog.pending < SCALE_OUT_BACKLOG:
+    if active > 0 and backlog.pending < limits.scale_out_backlog:
         return SkipReason(f"{waiting} messages waiting; {active} run(s) draining keep up")
     return RunRequest(tags=tags)
 

@@ -25,7 +25,7 @@ from dagster import (
 
 from meter_platform import quality
 from meter_platform.defs.resources import CatalogResource, NatsResource, PostgresResource
-from meter_platform.ingestion.quarantine import LEDGER_TOTALS_SQL, LedgerTotals
+from meter_platform.ingestion.ledger import LEDGER_TOTALS_SQL, LedgerTotals
 from meter_platform.meters.aggregates import active_meters
 from meter_platform.storage import db
 

@@ -1,0 +1,289 @@
+"""The JetStream message format, read in one place.
+
+A message on the stream is either a gateway batch (header ``Meter-Batch``: one msgpack/JSON
+``GatewayBatch`` with the receive time and events whose ids and timestamps the gateway filled in) or
+an event published straight to NATS (one JSON object or an array; header ``Nats-Msg-Id`` optional).
+:func:`decode_message` turns either into columns of events (:class:`EventRows`) and rejections
+(:class:`Rejected`); the micro-batch writer and the gateway's lookup of pending events both use it, so an
+event gets the same id wherever it is read (an event published without one: the message's
+``Nats-Msg-Id`` when it is alone in the message, else ``nats-<stream seq>-<index>``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from meter_platform.capture.envelope import (
+    MAX_FUTURE_SKEW,
+    convert_event,
+    datetime_to_us,
+    decode_any,
+    decode_batch,
+    format_timestamp,
+    now_us,
+    parse_timestamp,
+    us_to_datetime,
+)
+from meter_platform.config import BATCH_HEADER
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why one event failed validation."""
+
+    field: str
+    reason: str
+    message: str
+
+    def as_json(self) -> dict[str, str]:
+        """The failure as stored in ``quarantined_events.reasons``."""
+        return {"field": self.field, "reason": self.reason, "message": self.message}
+
+
+#: The stream incarnation of messages whose stream's creation time is not known (tests, tools).
+STREAM_CREATED_UNKNOWN = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A JetStream message as the pipeline needs it."""
+
+    seq: int
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+    timestamp_us: int  # when JetStream stored it
+    # When the stream was created: sequences restart at 1 in a stream created again.
+    stream_created: datetime = STREAM_CREATED_UNKNOWN
+
+
+@dataclass
+class EventRows:
+    """The batch's events in columns, as written to PostgreSQL."""
+
+    ids: list[str] = field(default_factory=list)
+    event_types: list[str] = field(default_factory=list)
+    customer_ids: list[str] = field(default_factory=list)
+    # The gateway's timestamps arrive normalized (UTC, microseconds) and go to PostgreSQL as text;
+    # those of directly published events are parsed here, to check them.
+    timestamps: list[datetime | str] = field(default_factory=list)
+    received: list[datetime] = field(default_factory=list)
+    properties: list[dict[str, Any]] = field(default_factory=list)
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Rejected:
+    """An event (or an unreadable message) that failed a check, with the reasons."""
+
+    event_id: str | None
+    event_type: str | None
+    customer_id: str | None
+    ts: datetime | str | None
+    received: datetime
+    payload: Any
+    payload_text: str | None
+    reasons: list[Failure]
+    seq: int
+
+
+def decode_item(
+    item: Any, received: datetime, seq: int, fallback: str, rows: EventRows, bad: list[Rejected]
+) -> bool:
+    """Check one event as directly published (a JSON value) and append it to ``rows`` or ``bad``.
+
+    The envelope is checked as the gateway checks it at its door, and a timestamp more than
+    ``MAX_FUTURE_SKEW`` after ``received`` is refused; ``fallback`` is the id of an event sent
+    without one. Returns whether the event went to ``rows``. Used for messages published straight to
+    NATS and for events replayed from quarantine.
+    """
+    event, error = convert_event(item)
+    if event is None or error is not None:
+        raw_id = item.get("id") if isinstance(item, dict) else None
+        bad.append(
+            Rejected(
+                raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= 128 else None,
+                item.get("event_type")
+                if isinstance(item, dict) and isinstance(item.get("event_type"), str)
+                else None,
+                item.get("customer_id")
+                if isinstance(item, dict) and isinstance(item.get("customer_id"), str)
+                else None,
+                None,
+                received,
+                item,
+                None,
+                [
+                    Failure(
+                        error.field if error else "",
+                        "invalid_envelope",
+                        error.message if error else "invalid",
+                    )
+                ],
+                seq,
+            )
+        )
+        return False
+    event_id = event.id or fallback
+    ts = received
+    if event.timestamp is not None:
+        try:
+            ts = parse_timestamp(event.timestamp)
+        except ValueError as exc:  # RFC 3339 in form but not a date (month 13, year 0): as the gateway says
+            bad.append(
+                Rejected(
+                    event_id,
+                    event.event_type,
+                    event.customer_id,
+                    None,
+                    received,
+                    item,
+                    None,
+                    [Failure("timestamp", "invalid_envelope", str(exc))],
+                    seq,
+                )
+            )
+            return False
+        if ts > received + MAX_FUTURE_SKEW:
+            bad.append(
+                Rejected(
+                    event_id,
+                    event.event_type,
+                    event.customer_id,
+                    ts,
+                    received,
+                    item,
+                    None,
+                    [
+                        Failure(
+                            "timestamp",
+                            "future_timestamp",
+                            "is more than 5 minutes ahead of the time JetStream stored it",
+                        )
+                    ],
+                    seq,
+                )
+            )
+            return False
+    rows.ids.append(event_id)
+    rows.event_types.append(event.event_type)
+    rows.customer_ids.append(event.customer_id)
+    rows.timestamps.append(ts)
+    rows.received.append(received)
+    rows.properties.append(event.properties)
+    rows.metadata.append(event.metadata)
+    rows.seqs.append(seq)
+    return True
+
+
+def decode_message(
+    msg: Message, rows: EventRows, bad: list[Rejected], per_msg_events: dict[int, int]
+) -> None:
+    """Append the message's events to ``rows`` (or ``bad``), counting them per message."""
+    received = us_to_datetime(msg.timestamp_us)
+    if msg.headers and BATCH_HEADER in msg.headers:
+        batch = decode_batch(msg.data)
+        received = us_to_datetime(batch.received_at)
+        for ev in batch.events:
+            assert ev.id is not None and ev.timestamp is not None  # the gateway fills both in
+            rows.ids.append(ev.id)
+            rows.event_types.append(ev.event_type)
+            rows.customer_ids.append(ev.customer_id)
+            rows.timestamps.append(ev.timestamp)
+            rows.received.append(received)
+            rows.properties.append(ev.properties)
+            rows.metadata.append(ev.metadata)
+            rows.seqs.append(msg.seq)
+        per_msg_events[msg.seq] = len(batch.events)
+        return
+
+    # Published straight to NATS: check the envelope here, as the gateway does at its door.
+    try:
+        decoded = decode_any(msg.data)
+    except msgspec.DecodeError as exc:
+        bad.append(
+            Rejected(
+                None,
+                None,
+                None,
+                None,
+                received,
+                None,
+                msg.data.decode("utf-8", "replace"),
+                [Failure("", "not_json", f"the message is not valid JSON ({exc})")],
+                msg.seq,
+            )
+        )
+        per_msg_events[msg.seq] = 1
+        return
+    items = decoded if isinstance(decoded, list) else [decoded]
+    header_id = (msg.headers or {}).get("Nats-Msg-Id")
+    for i, item in enumerate(items):
+        # A stable id for events published without one: a redelivery then carries the same id.
+        decode_item(item, received, msg.seq, fallback_id(header_id, len(items), msg.seq, i), rows, bad)
+    per_msg_events[msg.seq] = len(items)
+
+
+def fallback_id(header_id: str | None, items: int, seq: int, index: int) -> str:
+    """The id of an event published straight to NATS without one.
+
+    Stable across redeliveries: the message's ``Nats-Msg-Id`` when the message holds one event, else
+    ``nats-<stream sequence>-<index in the message>``.
+    """
+    return header_id if (header_id and items == 1) else f"nats-{seq}-{index}"
+
+
+def from_nats(msg: Any, stream_created: datetime) -> Message:
+    """A message as nats-py delivered it (fetch or direct get), in the pipeline's terms."""
+    meta = msg.metadata
+    return Message(
+        seq=meta.sequence.stream,
+        subject=msg.subject,
+        data=msg.data,
+        headers=msg.headers,
+        timestamp_us=datetime_to_us(meta.timestamp) if meta.timestamp else now_us(),
+        stream_created=stream_created,
+    )
+
+
+def find_event(msg: Message, event_id: str) -> dict[str, Any] | None:
+    """The event ``event_id`` in this message, as ``GET /v1/events/{id}`` shows it, or None.
+
+    Read exactly as the micro-batch writer reads the message (:func:`decode_message`), so an event
+    published without an id is found under the id the pipeline will store it with. An event that will
+    be quarantined is found too (without its reasons: they are known once it is processed).
+    """
+    rows, bad = EventRows(), list[Rejected]()
+    decode_message(msg, rows, bad, {})
+    if event_id in rows.ids:
+        i = rows.ids.index(event_id)
+        ts = rows.timestamps[i]
+        return {
+            "id": event_id,
+            "event_type": rows.event_types[i],
+            "customer_id": rows.customer_ids[i],
+            "timestamp": ts if isinstance(ts, str) else format_timestamp(ts),
+            "received_at": format_timestamp(rows.received[i]),
+            "properties": rows.properties[i],
+            "metadata": rows.metadata[i],
+        }
+    for q in bad:
+        if q.event_id == event_id:
+            payload = q.payload if isinstance(q.payload, dict) else {}
+            return {
+                "id": event_id,
+                "event_type": q.event_type,
+                "customer_id": q.customer_id,
+                "timestamp": format_timestamp(q.ts)
+                if isinstance(q.ts, datetime)
+                else payload.get("timestamp"),
+                "received_at": format_timestamp(q.received),
+                "properties": payload.get("properties", {}),
+                "metadata": payload.get("metadata", {}),
+            }
+    return None

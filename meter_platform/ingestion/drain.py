@@ -1,0 +1,74 @@
+"""The drain loop: fetch micro-batches from the durable consumer, write each, and only then ack.
+
+Steps 1 and 5 of the guarantee written in :mod:`meter_platform.ingestion.writer`: nothing is acked
+before its batch is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from meter_platform.capture.jetstream import connect, ensure_stream_and_consumer, stream_incarnation
+from meter_platform.capture.messages import from_nats
+from meter_platform.catalog import Catalog
+from meter_platform.config import CONSUMER_NAME, STREAM_NAME, DrainSettings
+from meter_platform.ingestion.writer import BatchCounts, MicroBatchWriter
+
+
+async def drain(
+    nats_url: str,
+    database_url: str,
+    catalog: Catalog,
+    settings: DrainSettings | None = None,
+    run_id: str | None = None,
+    on_batch: Callable[[BatchCounts], None] | None = None,
+    crash_after_commit: bool = False,
+) -> BatchCounts:
+    """Drain the durable consumer in micro-batches until idle or out of time; return the run's counts.
+
+    ``crash_after_commit`` exists for the test that kills a run between commit and ack: it raises
+    right after the first commit, leaving that batch's messages un-acked.
+    """
+    settings = settings or DrainSettings()
+    total = BatchCounts()
+    writer = MicroBatchWriter(catalog, database_url)
+    nc = await connect(nats_url, name=f"meter-ingest-{run_id or 'local'}")
+    try:
+        js = nc.jetstream()
+        await ensure_stream_and_consumer(js)
+        stream_created = await stream_incarnation(js)
+        sub = await js.pull_subscribe_bind(CONSUMER_NAME, STREAM_NAME)
+        started = last_seen = time.monotonic()
+        while time.monotonic() - started < settings.max_seconds:
+            try:
+                fetched = await sub.fetch(settings.batch_size, timeout=settings.fetch_timeout)
+            except (NatsTimeoutError, TimeoutError):
+                if time.monotonic() - last_seen >= settings.idle_seconds:
+                    break
+                continue
+            if not fetched:  # nats-py can return an empty fetch on a stale pull status
+                continue
+            last_seen = time.monotonic()
+            messages = [from_nats(m, stream_created) for m in fetched]
+            # Steps 2-4, off the event loop so the NATS connection stays responsive.
+            counts = await asyncio.to_thread(writer.write, messages, run_id)
+            if crash_after_commit:
+                raise RuntimeError("simulated crash between commit and ack")
+            # 5. Only now, after the commit, ack. A crash before this line means redelivery, which
+            # step 3a turns into a no-op.
+            for m in fetched:
+                await m.ack()
+            await nc.flush()
+            total.add(counts)
+            if on_batch is not None:
+                on_batch(counts)
+        return total
+    finally:
+        writer.close()
+        # close(), not drain(): every ack was flushed above, and what was fetched but not acked must
+        # simply be left to redelivery.
+        await nc.close()
