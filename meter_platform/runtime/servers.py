@@ -36,8 +36,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_is_free(host: str, port: int) -> bool:
-    """True when nothing listens on ``host:port``."""
+    """True when nothing listens on ``host:port``.
+
+    The probe binds with ``SO_REUSEADDR``, as the servers themselves do (uvicorn, nats-server): the
+    connections a stopped gateway leaves in TIME_WAIT for a minute do not keep it from binding again,
+    so they must not make the port look taken. A listening socket still does (Linux refuses the bind).
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
