@@ -4,7 +4,7 @@ that the micro-batch job drains. Created idempotently by every process that need
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import nats
@@ -76,19 +76,33 @@ async def connect(url: str, name: str, **kwargs) -> Client:
     )
 
 
-async def ensure_stream_and_consumer(js: JetStreamContext) -> None:
+async def ensure_stream_and_consumer(js: JetStreamContext, *, apply_limits: bool = False) -> None:
     """Create the stream and the durable consumer if they are missing.
 
-    Existing ones are left as they are, so an operator's tuning (limits, ack wait) survives restarts.
+    Existing ones are left as they are, so an operator's tuning (limits, ack wait) survives while the
+    platform runs; every process calls this, the sensor on each tick. With ``apply_limits`` (the
+    platform's start, ``meter up``), the stream's size limits are set to ``METER_STREAM_MAX_MSGS`` /
+    ``METER_STREAM_MAX_BYTES`` (unset: unlimited) when they differ. Lowering a limit below what the
+    stream holds drops nothing: the stream discards new publishes, never stored ones.
     """
     try:
-        await js.stream_info(STREAM_NAME)
+        info = await js.stream_info(STREAM_NAME)
     except NotFoundError:
         await js.add_stream(stream_config())
+    else:
+        if apply_limits:
+            await _apply_limits(js, info.config)
     try:
         await js.consumer_info(STREAM_NAME, CONSUMER_NAME)
     except NotFoundError:
         await js.add_consumer(STREAM_NAME, consumer_config())
+
+
+async def _apply_limits(js: JetStreamContext, current: StreamConfig) -> None:
+    limits = load_stream_limits()
+    if (current.max_msgs, current.max_bytes) == (limits.max_msgs, limits.max_bytes):
+        return
+    await js.update_stream(replace(current, max_msgs=limits.max_msgs, max_bytes=limits.max_bytes))
 
 
 async def stream_incarnation(js: JetStreamContext) -> datetime:
