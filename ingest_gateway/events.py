@@ -1,0 +1,122 @@
+"""POST /v1/events (the write side: checked at the door, 202 once durable) and GET /v1/events/{id}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ingest_gateway.gateway import gateway_of
+from ingest_gateway.http import ApiError, json_response, read_body
+from meter_platform.capture.envelope import (
+    Event,
+    ItemError,
+    check_times,
+    decode_events,
+    decode_ndjson,
+    format_timestamp,
+    new_event_id,
+    now_us,
+)
+
+_CONTENT_TYPES = ("application/json", "application/x-ndjson", "application/ndjson")
+
+
+async def post_events(request: Request) -> Response:
+    """POST /v1/events: one event, a JSON array, or NDJSON; 202 once durable in JetStream."""
+    gw = gateway_of(request)
+    content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if content_type not in _CONTENT_TYPES:
+        raise ApiError(
+            415,
+            f"Content type {content_type!r} is not supported; send application/json "
+            "(one event or an array) or application/x-ndjson.",
+        )
+    body = await read_body(request, gw.settings.max_body_bytes)
+    received_us = now_us()
+    if not body.strip():
+        raise ApiError(400, "The body is empty; send one event, an array of events, or NDJSON.")
+    errors: list[ItemError]
+    if content_type == "application/json":
+        events, errors, _ = decode_events(body)
+    else:
+        events, errors = decode_ndjson(body)
+    if not events and not errors:
+        raise ApiError(400, "The request holds no events.")
+    errors += check_times(events, received_us)
+    if errors:
+        errors.sort(key=lambda e: e.index)
+        raise ApiError(
+            400,
+            f"{len({e.index for e in errors})} of {len(events)} event(s) are invalid; "
+            "nothing of this request was kept.",
+            [msgspec.to_builtins(e) for e in errors],
+        )
+    good: list[Event] = [e for e in events if e is not None]
+    for event in good:
+        if event.id is None:
+            event.id = new_event_id()
+    await gw.publish(good, received_us)
+    return json_response({"accepted": len(good), "ids": [e.id for e in good]}, status=202)
+
+
+def _stored(r: Any) -> dict[str, Any]:
+    """A usage_events row as the contract shows it."""
+    return {
+        "id": r.id,
+        "event_type": r.event_type,
+        "customer_id": r.customer_id,
+        "timestamp": format_timestamp(r.ts),
+        "received_at": format_timestamp(r.received_at),
+        "properties": r.properties,
+        "metadata": r.metadata,
+        "state": "stored",
+        "stream_seq": r.stream_seq,
+    }
+
+
+def _quarantined(r: Any) -> dict[str, Any]:
+    """A quarantined_events row as the contract shows it, with its reasons."""
+    payload = r.payload if isinstance(r.payload, dict) else {}
+    return {
+        "id": r.event_id,
+        "event_type": r.event_type,
+        "customer_id": r.customer_id,
+        "timestamp": format_timestamp(r.ts) if r.ts else payload.get("timestamp"),
+        "received_at": format_timestamp(r.received_at),
+        "properties": payload.get("properties", {}),
+        "metadata": payload.get("metadata", {}),
+        "state": "quarantined",
+        "reasons": r.reasons,
+        "stream_seq": r.stream_seq,
+    }
+
+
+async def get_event(request: Request) -> Response:
+    """GET /v1/events/{id}: the event as the pipeline saw it, and its state."""
+    gw = gateway_of(request)
+    event_id = request.path_params["event_id"]
+    if "\x00" in event_id:
+        raise ApiError(404, f"No event with id {event_id!r} was accepted.")
+    rows = await gw.query(
+        "SELECT id, event_type, customer_id, ts, received_at, properties, metadata, stream_seq"
+        " FROM usage_events WHERE id = :id",
+        {"id": event_id},
+    )
+    if rows:
+        return json_response(_stored(rows[0]))
+    rows = await gw.query(
+        "SELECT event_id, event_type, customer_id, ts, received_at, payload, reasons, stream_seq, status"
+        " FROM quarantined_events WHERE event_id = :id",
+        {"id": event_id},
+    )
+    if rows:
+        return json_response(_quarantined(rows[0]))
+    pending = await gw.find_pending(event_id)
+    if pending is not None:
+        return json_response(pending)
+    raise ApiError(
+        404, f"No event with id {event_id!r} was accepted (or it is still far back in the backlog)."
+    )

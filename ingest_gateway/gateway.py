@@ -1,0 +1,184 @@
+"""The gateway's state, owned by the app's lifespan: the NATS/JetStream connection (publishing, and
+looking up events still in the stream) and the database pool (read queries)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import Request
+
+from ingest_gateway.http import ApiError
+from meter_platform.capture import jetstream
+from meter_platform.capture.envelope import (
+    Event,
+    GatewayBatch,
+    datetime_to_us,
+    encode_batch,
+    new_event_id,
+    now_us,
+)
+from meter_platform.capture.messages import Message, find_event
+from meter_platform.catalog import Catalog
+from meter_platform.config import BATCH_HEADER, GATEWAY_SUBJECT, STREAM_NAME, Settings, require_url
+from meter_platform.storage import db
+
+log = logging.getLogger("ingest_gateway")
+#: How long to wait for JetStream's ack (its fsync) before answering 503.
+PUBLISH_TIMEOUT = 5.0
+#: GET /v1/events/{id} looks for a not-yet-processed id among at most this many pending messages.
+PENDING_SCAN_LIMIT = 500
+#: ... and for at most this long (newest first: a client usually asks about what it just sent).
+PENDING_SCAN_SECONDS = 0.25
+
+
+class Gateway:
+    """The gateway's connections, owned by the app's lifespan."""
+
+    def __init__(self, settings: Settings, catalog: Catalog):
+        self.settings = settings
+        self.catalog = catalog
+        self.nc: Client | None = None
+        self.js: JetStreamContext | None = None
+        self.engine: AsyncEngine | None = None
+
+    async def start(self) -> None:
+        """Connect to NATS (making sure the stream exists) and create the database pool."""
+        nats_url = require_url(self.settings.nats_url, "METER_NATS_URL")
+        database_url = require_url(self.settings.database_url, "METER_DATABASE_URL")
+        # Reconnect forever: while NATS is away, publishes fail fast into 503s, and come back with it.
+        self.nc = await jetstream.connect(nats_url, name="meter-gateway", max_reconnect_attempts=-1)
+        self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT)
+        await jetstream.ensure_stream_and_consumer(self.js)
+        self.engine = db.async_engine(database_url)
+
+    async def stop(self) -> None:
+        """Flush and close NATS; dispose of the pool."""
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+        if self.engine is not None:
+            await self.engine.dispose()
+
+    # --- capture ---------------------------------------------------------------------------------
+
+    def _chunks(self, events: list[Event], received_us: int) -> list[bytes]:
+        """One message per request; split in halves only when it exceeds the server's max payload."""
+        assert self.nc is not None
+        limit = self.nc.max_payload - 4096
+        pending = [events]
+        out: list[bytes] = []
+        while pending:
+            part = pending.pop()
+            payload = encode_batch(GatewayBatch(received_at=received_us, events=part))
+            if len(payload) <= limit or len(part) == 1:
+                out.append(payload)
+            else:
+                half = len(part) // 2
+                pending += [part[half:], part[:half]]
+        return out
+
+    async def publish(self, events: list[Event], received_us: int) -> None:
+        """Publish the events durably; raise ApiError(503) when JetStream does not confirm them."""
+        assert self.js is not None and self.nc is not None
+        if not self.nc.is_connected:
+            raise ApiError(
+                503,
+                "The event broker is unreachable; nothing was stored. Retry shortly.",
+                headers={"Retry-After": "2"},
+            )
+        request_id = new_event_id()
+        payloads = self._chunks(events, received_us)
+        try:
+            acks = await asyncio.gather(
+                *(
+                    self.js.publish(
+                        GATEWAY_SUBJECT,
+                        payload,
+                        stream=STREAM_NAME,
+                        # Our own retry of this publish is dropped by JetStream, not stored twice.
+                        headers={"Nats-Msg-Id": f"{request_id}-{i}", BATCH_HEADER: "1"},
+                    )
+                    for i, payload in enumerate(payloads)
+                )
+            )
+        except Exception as exc:  # any failure means "not durable": the client must retry
+            log.warning("JetStream did not confirm a publish: %r", exc)
+            detail = str(exc) or type(exc).__name__
+            raise ApiError(
+                503,
+                "Events could not be made durable (broker unavailable or stream full); "
+                "nothing is guaranteed stored. Retry with the same ids.",
+                # The ids (made here for events sent without one) let a retry be recognised: part of
+                # a split request may have been stored before the failure.
+                [{"reason": detail, "ids": [e.id for e in events]}],
+                headers={"Retry-After": "1"},
+            ) from exc
+        log.debug("stored %d events in %d message(s), last seq %s", len(events), len(acks), acks[-1].seq)
+
+    # --- read side -------------------------------------------------------------------------------
+
+    async def query(self, sql: str, params: dict[str, Any] | None = None) -> list[Any]:
+        """Run a read query; a database outage becomes a 503."""
+        assert self.engine is not None
+        try:
+            async with self.engine.connect() as conn:
+                return list((await conn.execute(text(sql), params or {})).all())
+        except Exception as exc:
+            from sqlalchemy.exc import DBAPIError, OperationalError
+
+            if isinstance(exc, OperationalError) or (
+                isinstance(exc, DBAPIError) and exc.connection_invalidated
+            ):
+                raise ApiError(
+                    503, "The database is unreachable. Retry shortly.", headers={"Retry-After": "2"}
+                ) from exc
+            raise
+
+    async def find_pending(self, event_id: str) -> dict[str, Any] | None:
+        """Look for an accepted, not yet processed event among the messages still in the stream."""
+        assert self.js is not None
+        backlog = await jetstream.backlog(self.js)
+        first = backlog.ack_floor + 1
+        deadline = time.monotonic() + PENDING_SCAN_SECONDS
+        for seq in range(backlog.last_seq, max(first, backlog.last_seq - PENDING_SCAN_LIMIT + 1) - 1, -1):
+            if time.monotonic() > deadline:
+                break
+            try:
+                msg = await self.js.get_msg(STREAM_NAME, seq)
+            except NotFoundError:
+                continue
+            data = msg.data or b""
+            header_id = (msg.headers or {}).get("Nats-Msg-Id")
+            # A cheap test first: the id is in the body or the header, or the message may hold events
+            # published without ids (whose ids are made from the sequence when they are read).
+            if (
+                header_id != event_id
+                and event_id.encode() not in data
+                and msgspec.json.encode(event_id)[1:-1] not in data
+                and not event_id.startswith(f"nats-{seq}-")
+            ):
+                continue
+            message = Message(
+                seq=seq,
+                subject=msg.subject or "",
+                data=data,
+                headers=msg.headers,
+                timestamp_us=datetime_to_us(msg.time) if msg.time else now_us(),
+            )
+            found = find_event(message, event_id)
+            if found is not None:
+                return {**found, "state": "pending", "stream_seq": seq}
+        return None
+
+
+def gateway_of(request: Request) -> Gateway:
+    """The app's Gateway (set by the lifespan)."""
+    return request.app.state.gateway
