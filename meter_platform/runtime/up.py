@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,12 @@ from meter_platform.catalog import load_catalog
 from meter_platform.config import PACKAGE_DIR, Settings, load_settings
 from meter_platform.ingestion.validation import validate_catalog_types
 from meter_platform.meters.rebuild import format_report, sync_meters
+from meter_platform.runtime.launch import (
+    dagster_daemon_command,
+    dagster_webserver_command,
+    gateway_command,
+    platform_env,
+)
 from meter_platform.runtime.servers import (
     Server,
     port_is_free,
@@ -153,49 +158,24 @@ def up() -> int:
                 await nc.close()
 
         asyncio.run(prepare_stream())
-        env = {
-            **os.environ,
-            "METER_NATS_URL": nats_url,
-            "METER_DATABASE_URL": database_url,
-            "METER_DAGSTER_DATABASE_URL": dagster_db,
-            "METER_CATALOG_DIR": str(settings.catalog_dir.resolve()),
-            "DAGSTER_HOME": str(dagster_home()),
-            "METER_HOME": str(settings.data_dir.parent),
-        }
-        bin_dir = Path(sys.executable).parent
+        env = platform_env(
+            nats_url,
+            database_url,
+            settings.data_dir.parent,
+            METER_DAGSTER_DATABASE_URL=dagster_db,
+            METER_CATALOG_DIR=str(settings.catalog_dir.resolve()),
+            DAGSTER_HOME=str(dagster_home()),
+        )
         gateway = platform._spawn(
-            "gateway",
-            [
-                str(bin_dir / "uvicorn"),
-                "--factory",
-                "ingest_gateway.app:create_app",
-                "--host",
-                settings.gateway_host,
-                "--port",
-                str(settings.gateway_port),
-                "--no-access-log",
-                "--log-level",
-                "warning",
-                "--workers",
-                os.environ.get("METER_GATEWAY_WORKERS", "1"),
-            ],
-            env,
+            "gateway", gateway_command(settings.gateway_host, settings.gateway_port), env
         )
         workspace = str(dagster_home().parent / "workspace.yaml")
         platform._spawn(
             "dagster-webserver",
-            [
-                str(bin_dir / "dagster-webserver"),
-                "-h",
-                settings.gateway_host,
-                "-p",
-                str(settings.dagster_port),
-                "-w",
-                workspace,
-            ],
+            dagster_webserver_command(settings.gateway_host, settings.dagster_port, workspace),
             env,
         )
-        platform._spawn("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace], env)
+        platform._spawn("dagster-daemon", dagster_daemon_command(workspace), env)
         wait_for_port(settings.gateway_host, settings.gateway_port, gateway.process, "gateway", gateway.log)
         gateway_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
         dagster_url = f"http://{settings.gateway_host}:{settings.dagster_port}"
