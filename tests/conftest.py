@@ -33,6 +33,11 @@ TABLES = (
     "meter_replays",
     "quality_check_results",
     "quarantine_replays",
+    "invoice_lines",
+    "invoices",
+    "invoice_numbers",
+    "subscriptions",
+    "customers",
 )
 
 

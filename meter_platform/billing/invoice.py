@@ -14,8 +14,8 @@ from typing import Any
 
 from meter_platform.billing.money import EXACT, decimal_str, is_rounded, round_money
 from meter_platform.billing.periods import microseconds, period_bounds, prorate
-from meter_platform.billing.plans import Charge, Plan
 from meter_platform.billing.pricing import TIMES, Priced, TierUse, price
+from meter_platform.catalog.plans import Charge, Plan
 
 LINE_TYPES = ("base_fee", "usage", "minimum", "adjustment")
 
@@ -46,6 +46,7 @@ class Line:
     service_period_end: datetime
     tiers: tuple[TierUse, ...] = ()
     adjusts_period: str | None = None
+    events: int | None = None  # usage: events the meter counted (percentage fees); adjustment: the change
 
     def as_json(self) -> dict[str, Any]:
         """The line as a JSON-able dict: decimal strings and RFC 3339 UTC times."""
@@ -62,6 +63,7 @@ class Line:
             "service_period_end": rfc3339(self.service_period_end),
             "tiers": [_tier_json(t) for t in self.tiers],
             "adjusts_period": self.adjusts_period,
+            "events": self.events,
         }
 
 
@@ -145,6 +147,7 @@ def _usage_line(
         service_period_start=start,
         service_period_end=end,
         tiers=priced.tiers,
+        events=priced.events,
     )
 
 
@@ -263,6 +266,7 @@ def adjustment_lines(
         service_period_start=service_period_start or default_start,
         service_period_end=service_period_end or default_end,
         adjusts_period=adjusts_period,
+        events=new_events - billed_events,
     )
 
 

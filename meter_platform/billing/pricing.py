@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from decimal import Decimal, localcontext
 
 from meter_platform.billing.money import EXACT
-from meter_platform.billing.plans import Charge, Tier
+from meter_platform.catalog.plans import Charge, Tier
 
 _ZERO = Decimal(0)
 # Typographic signs for descriptions people read; spelled as escapes so no look-alike hides in the source.

@@ -1,4 +1,4 @@
-"""The user's catalog: meters (``meters.yaml``) and event types (``events.yaml``).
+"""The user's catalog: meters (``meters.yaml``), event types (``events.yaml``) and plans (``plans.yaml``).
 
 Loaded and checked once at start-up; every mistake is reported with the file, the item and what to do,
 so a bad catalog stops the platform before any event is metered against it.
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from meter_platform.catalog.plans import Plan, PlanError, load_plans
 
 AGGREGATIONS = ("count", "sum", "min", "max", "avg", "unique_count", "latest")
 #: Aggregations that need a numeric ``value_property``.
@@ -84,6 +86,7 @@ class Catalog:
     event_types: dict[str, EventTypeSpec]
     accept_unknown_event_types: bool = False
     directory: Path | None = None  # where it was loaded from (other files of the catalog live there)
+    plans: dict[str, Plan] = field(default_factory=dict)  # plans.yaml, by key (none without the file)
 
     def meter(self, slug: str) -> Meter | None:
         """The meter with that slug, or None."""
@@ -255,6 +258,11 @@ def load_catalog(catalog_dir: Path) -> Catalog:
     slugs = [m.slug for m in meters if m is not None]
     for slug in {s for s in slugs if slugs.count(s) > 1}:
         errors.append(f"meters.yaml: slug {slug!r} is used by more than one meter.")
+    plans: dict[str, Plan] = {}
+    try:
+        plans = load_plans(catalog_dir / "plans.yaml", {m.slug: m for m in meters if m is not None})
+    except PlanError as exc:
+        errors.extend(exc.problems or (str(exc),))
     if errors:
         raise CatalogError(
             f"The catalog in {catalog_dir} has {len(errors)} problem(s):\n  - " + "\n  - ".join(errors)
@@ -264,4 +272,5 @@ def load_catalog(catalog_dir: Path) -> Catalog:
         event_types=event_types,
         accept_unknown_event_types=accept_unknown,
         directory=catalog_dir,
+        plans=plans,
     )

@@ -13,7 +13,7 @@ import pytest
 
 from meter_platform.billing.invoice import Line, adjustment_lines, build_lines, totals
 from meter_platform.billing.periods import Subscription, period_bounds, segments
-from meter_platform.billing.plans import Charge, Plan, Tier
+from meter_platform.catalog.plans import Charge, Plan, Tier
 
 MAR_1, APR_1 = period_bounds("2026-03")  # 31 days: 2,678,400 s
 MAR_16 = datetime(2026, 3, 16, tzinfo=UTC)
@@ -214,6 +214,7 @@ def test_line_as_json_uses_decimal_strings_and_rfc3339_utc():
             }
         ],
         "adjusts_period": None,
+        "events": 0,
     }
 
 

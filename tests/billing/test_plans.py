@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import meter_platform
-from meter_platform.billing.plans import Charge, PlanError, Tier, load_plans, parse_plans
+from meter_platform.catalog.plans import Charge, PlanError, Tier, load_plans, parse_plans
 
 EXAMPLE_DIR = Path(meter_platform.__file__).parent / "example_catalog"
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meter_platform.billing.plans import Charge, Tier
 from meter_platform.billing.pricing import price
+from meter_platform.catalog.plans import Charge, Tier
 
 # The volume charge of the brief: (0, 1000] at 0.01; beyond at 0.008 plus 2.00 flat.
 VOLUME = Charge(
