@@ -10,6 +10,7 @@ per room: :class:`Settings` (the platform), :class:`IngestionSettings` and :clas
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -106,6 +107,7 @@ class DrainSettings:
     fetch_timeout: float = 1.0  # seconds to wait for the first message of a batch
     max_seconds: float = 300.0  # the run's time budget: the next run picks up after it
     idle_seconds: float = 60.0  # keep polling this long after the last event: freshness in seconds
+    heartbeat_seconds: float = 5.0  # how often a draining run proves it is alive (see IngestionSettings)
 
 
 @dataclass(frozen=True)
@@ -115,14 +117,21 @@ class IngestionSettings:
     max_lateness: timedelta = timedelta(days=35)  # older events are quarantined as too_late
     max_ingest_runs: int = 2  # runs that may drain at once (dagster.yaml's tag limit enforces it too)
     scale_out_backlog: int = 2000  # with one run draining, start a second above this many waiting messages
+    # A STARTED run whose drain has not written its heartbeat (every DrainSettings.heartbeat_seconds)
+    # for this long, and that started longer ago than the grace, is dead: the sensor fails it.
+    run_stale_seconds: float = 60.0
+    run_start_grace_seconds: float = 120.0
 
 
 def load_ingestion_settings() -> IngestionSettings:
-    """``METER_MAX_LATENESS_DAYS``, ``METER_MAX_INGEST_RUNS``, ``METER_SCALE_OUT_BACKLOG``."""
+    """``METER_MAX_LATENESS_DAYS``, ``METER_MAX_INGEST_RUNS``, ``METER_SCALE_OUT_BACKLOG``,
+    ``METER_RUN_STALE_SECONDS``, ``METER_RUN_START_GRACE_SECONDS``."""
     return IngestionSettings(
         max_lateness=timedelta(days=_env_float("METER_MAX_LATENESS_DAYS", 35)),
         max_ingest_runs=_env_int("METER_MAX_INGEST_RUNS", 2),
         scale_out_backlog=_env_int("METER_SCALE_OUT_BACKLOG", 2000),
+        run_stale_seconds=_env_float("METER_RUN_STALE_SECONDS", 60),
+        run_start_grace_seconds=_env_float("METER_RUN_START_GRACE_SECONDS", 120),
     )
 
 
@@ -163,3 +172,44 @@ class QualitySettings:
             max_duplicate_rate=_env_float("METER_QUALITY_MAX_DUPLICATE_RATE", 0.20),
             volume_factor=_env_float("METER_QUALITY_VOLUME_FACTOR", 3),
         )
+
+
+_ISO_DURATION = re.compile(
+    r"^P(?:(?P<w>\d+(?:\.\d+)?)W)?(?:(?P<d>\d+(?:\.\d+)?)D)?"
+    r"(?:T(?:(?P<h>\d+(?:\.\d+)?)H)?(?:(?P<m>\d+(?:\.\d+)?)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
+)
+
+
+def parse_duration(text: str) -> timedelta:
+    """An ISO 8601 duration without years or months (``PT1H``, ``P2D``, ``PT90M``) or plain seconds."""
+    raw = text.strip()
+    try:
+        return timedelta(seconds=float(raw))
+    except ValueError:
+        pass
+    match = _ISO_DURATION.match(raw.upper())
+    if not match or raw.upper() in ("P", "PT"):
+        raise ValueError(f"{text!r} is not a duration: write seconds (3600) or ISO 8601 (PT1H, P2D)")
+    parts = {k: float(v) for k, v in match.groupdict().items() if v}
+    return timedelta(
+        weeks=parts.get("w", 0), days=parts.get("d", 0), hours=parts.get("h", 0),
+        minutes=parts.get("m", 0), seconds=parts.get("s", 0),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BillingSettings:
+    """Billing: how long after a period ends its invoices may be finalized (late events still count)."""
+
+    grace: timedelta = timedelta(hours=1)
+
+
+def load_billing_settings() -> BillingSettings:
+    """``METER_BILLING_GRACE``: an ISO 8601 duration (``PT1H``) or seconds; default one hour."""
+    raw = os.environ.get("METER_BILLING_GRACE")
+    if not raw:
+        return BillingSettings()
+    try:
+        return BillingSettings(grace=parse_duration(raw))
+    except ValueError as exc:
+        raise SystemExit(f"METER_BILLING_GRACE: {exc}") from exc

@@ -15,12 +15,17 @@ ROOT = Path(__file__).resolve().parent.parent
 DAGSTER_NAMES = {
     "assets": [
         "data_quality_summary",
+        "invoice_lines",
+        "invoices",
         "jetstream_events",
         "quarantined_events",
         "usage_events",
         "usage_minute_aggregates",
     ],
     "asset_checks": [
+        "invoices:finalized_only_with_quality_passing",
+        "invoices:invoice_totals_equal_their_lines",
+        "invoices:one_invoice_per_subscribed_customer",
         "quarantined_events:quarantine_rate",
         "usage_events:duplicate_rate",
         "usage_events:every_customer_known",
@@ -32,9 +37,9 @@ DAGSTER_NAMES = {
         "usage_minute_aggregates:no_negative_quantities",
         "usage_minute_aggregates:volume_anomaly",
     ],
-    "jobs": ["__ASSET_JOB", "data_quality_job", "ingest_microbatch_job", "meter_replay_job"],
+    "jobs": ["__ASSET_JOB", "billing_job", "data_quality_job", "ingest_microbatch_job", "meter_replay_job"],
     "sensors": ["data_quality_alert_sensor", "jetstream_backlog_sensor", "meter_catalog_sensor"],
-    "schedules": ["data_quality_job_schedule"],
+    "schedules": ["billing_schedule", "data_quality_job_schedule"],
     "resources": ["catalog", "nats", "postgres"],
 }
 
