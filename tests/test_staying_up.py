@@ -40,3 +40,105 @@ def test_changed_stream_limits_apply_to_the_existing_stream_at_start(nats_server
     monkeypatch.delenv("METER_STREAM_MAX_MSGS")
     monkeypatch.delenv("METER_STREAM_MAX_BYTES")
     assert asyncio.run(_ensure_and_read_limits(nats_server.url, True)) == (-1, -1, 2)
+
+
+# --- 4. a drain whose run is gone stops ------------------------------------------------------------
+
+
+def test_the_drain_stops_fetching_once_should_stop_turns_true(nats_server, database_url, catalog):
+    import time
+
+    from meter_platform.config import DrainSettings
+    from tests.helpers import api_call, backlog, publish, run_drain
+
+    for i in range(5):
+        publish(nats_server.url, api_call(f"stop{i}"))
+    batches = []
+    settings = DrainSettings(batch_size=1, fetch_timeout=0.3, max_seconds=60, idle_seconds=60)
+    started = time.monotonic()
+    total = run_drain(
+        nats_server.url,
+        database_url,
+        catalog,
+        settings=settings,
+        on_batch=batches.append,
+        should_stop=lambda: len(batches) >= 2,
+    )
+    assert time.monotonic() - started < 10  # not the 60 s of idling
+    assert total.messages == 2
+    state = backlog(nats_server.url)
+    assert (state.ack_floor, state.pending, state.ack_pending) == (2, 3, 0)  # the rest waits for the next run
+
+
+_ORPHAN = """
+import asyncio, sys
+from pathlib import Path
+from meter_platform.catalog import load_catalog
+from meter_platform.config import EXAMPLE_CATALOG_DIR, DrainSettings
+from meter_platform.ingestion.drain import drain, parent_exited
+
+nats_url, database_url, done = sys.argv[1:4]
+settings = DrainSettings(batch_size=10, fetch_timeout=0.3, max_seconds=600, idle_seconds=600)
+total = asyncio.run(drain(nats_url, database_url, load_catalog(EXAMPLE_CATALOG_DIR), settings,
+                          should_stop=parent_exited()))
+Path(done).write_text(str(total.messages))
+"""
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (PID 1 of a container may not reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_drain_whose_parent_is_killed_stops(nats_server, database_url, tmp_path):
+    """The run worker (the parent) is killed -9: its step's drain notices and exits, instead of
+    draining on where nothing records it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import api_call, publish, scalar
+
+    script, done = tmp_path / "orphan.py", tmp_path / "done"
+    script.write_text(_ORPHAN)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable] + sys.argv[1:]); print(p.pid, flush=True); time.sleep(600)",
+            str(script),
+            nats_server.url,
+            database_url,
+            str(done),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.getcwd(),
+    )
+    try:
+        assert worker.stdout is not None
+        step_pid = int(worker.stdout.readline())
+        publish(nats_server.url, api_call("orphan1"))
+        deadline = time.monotonic() + 60
+        while scalar(database_url, "SELECT count(*) FROM usage_events") == 0:  # the drain is draining
+            assert time.monotonic() < deadline and _running(step_pid), "the drain never stored the event"
+            time.sleep(0.2)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+        deadline = time.monotonic() + 10
+        while _running(step_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(step_pid), "the orphaned drain kept running"
+        assert done.read_text() == "1"
+    finally:
+        worker.kill()
+        worker.wait()
+        if _running(step_pid):
+            os.kill(step_pid, signal.SIGKILL)

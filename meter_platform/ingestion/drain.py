@@ -7,6 +7,8 @@ before its batch is committed.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -18,6 +20,8 @@ from meter_platform.catalog import Catalog
 from meter_platform.config import CONSUMER_NAME, STREAM_NAME, DrainSettings
 from meter_platform.ingestion.writer import BatchCounts, MicroBatchWriter
 
+log = logging.getLogger(__name__)
+
 
 async def drain(
     nats_url: str,
@@ -27,8 +31,13 @@ async def drain(
     run_id: str | None = None,
     on_batch: Callable[[BatchCounts], None] | None = None,
     crash_after_commit: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> BatchCounts:
     """Drain the durable consumer in micro-batches until idle or out of time; return the run's counts.
+
+    ``should_stop`` is asked before every fetch (at least every ``fetch_timeout`` seconds, and after
+    each batch): once it answers True the drain fetches nothing more and returns, e.g. when the run it
+    belongs to is gone. Anything fetched and not yet committed is left un-acked and so redelivered.
 
     ``crash_after_commit`` exists for the test that kills a run between commit and ack: it raises
     right after the first commit, leaving that batch's messages un-acked.
@@ -44,6 +53,9 @@ async def drain(
         sub = await js.pull_subscribe_bind(CONSUMER_NAME, STREAM_NAME)
         started = last_seen = time.monotonic()
         while time.monotonic() - started < settings.max_seconds:
+            if should_stop is not None and should_stop():
+                log.warning("drain stopped: its run is gone; what it fetched and did not ack is redelivered")
+                break
             try:
                 fetched = await sub.fetch(settings.batch_size, timeout=settings.fetch_timeout)
             except (NatsTimeoutError, TimeoutError):
@@ -72,3 +84,13 @@ async def drain(
         # close(), not drain(): every ack was flushed above, and what was fetched but not acked must
         # simply be left to redelivery.
         await nc.close()
+
+
+def parent_exited() -> Callable[[], bool]:
+    """A ``should_stop`` that answers True once the process that started this one has exited.
+
+    A Dagster step runs in a child of its run worker: when the worker is killed, the step is
+    re-parented (to init or a subreaper) and must stop draining, for nothing would record its run.
+    """
+    parent = os.getppid()
+    return lambda: os.getppid() != parent

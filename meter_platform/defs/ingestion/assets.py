@@ -20,7 +20,7 @@ from dagster import (
 
 from meter_platform.config import DrainSettings
 from meter_platform.defs.resources import CatalogResource, NatsResource, PostgresResource
-from meter_platform.ingestion.drain import drain
+from meter_platform.ingestion.drain import drain, parent_exited
 from meter_platform.ingestion.writer import BatchCounts
 from meter_platform.storage import db
 
@@ -103,8 +103,18 @@ def ingest_microbatches(
     settings = DrainSettings(
         batch_size=config.batch_size, max_seconds=config.max_seconds, idle_seconds=config.idle_seconds
     )
+    # Stop when the run worker dies: nothing would record this run any longer.
+    watch = parent_exited()
     total = asyncio.run(
-        drain(nats.url, postgres.url, catalog.load(), settings, run_id=context.run.run_id, on_batch=progress)
+        drain(
+            nats.url,
+            postgres.url,
+            catalog.load(),
+            settings,
+            run_id=context.run.run_id,
+            on_batch=progress,
+            should_stop=watch,
+        )
     )
     context.log.info(
         f"drained {total.messages} messages ({total.events} events) in {total.batches} batches: "
