@@ -142,3 +142,110 @@ def test_a_drain_whose_parent_is_killed_stops(nats_server, database_url, tmp_pat
         worker.wait()
         if _running(step_pid):
             os.kill(step_pid, signal.SIGKILL)
+
+
+# --- 1. zombie runs do not hold ingestion back ---------------------------------------------------
+
+
+def _ingest_job(nats_url: str, database_url: str):
+    from dagster import Definitions
+
+    from meter_platform import definitions
+    from meter_platform.config import EXAMPLE_CATALOG_DIR
+    from meter_platform.defs.ingestion.jobs import ingest_microbatch_job
+    from meter_platform.defs.resources import CatalogResource, NatsResource, PostgresResource
+
+    defs = Definitions(
+        assets=definitions.defs.assets,
+        jobs=[ingest_microbatch_job],
+        resources={
+            "nats": NatsResource(url=nats_url),
+            "postgres": PostgresResource(url=database_url),
+            "catalog": CatalogResource(catalog_dir=str(EXAMPLE_CATALOG_DIR)),
+        },
+    )
+    return defs.resolve_job_def("ingest_microbatch_job")
+
+
+def _evaluate_sensor(instance, nats_url: str):
+    from dagster import build_sensor_context
+
+    from meter_platform.defs.ingestion.sensors import jetstream_backlog_sensor
+    from meter_platform.defs.resources import NatsResource
+
+    context = build_sensor_context(instance=instance, resources={"nats": NatsResource(url=nats_url)})
+    return jetstream_backlog_sensor(context)
+
+
+def test_runs_left_started_with_no_process_behind_them_do_not_stall_ingestion(
+    nats_server, database_url, monkeypatch
+):
+    """Two runs stay STARTED after a power cut (no process, no heartbeat since): the sensor fails them
+    and requests a run, instead of skipping every tick because two runs are 'already draining'."""
+    import time
+
+    from dagster import DagsterInstance, DagsterRunStatus, RunRequest, SkipReason
+
+    from meter_platform.defs.ingestion.liveness import HEARTBEAT_TAG
+    from tests.helpers import api_call, publish
+
+    monkeypatch.setenv("METER_RUN_STALE_SECONDS", "2")
+    monkeypatch.setenv("METER_RUN_START_GRACE_SECONDS", "1")
+    instance = DagsterInstance.ephemeral()
+    job = _ingest_job(nats_server.url, database_url)
+    publish(nats_server.url, api_call("z1"))
+    stale = {HEARTBEAT_TAG: f"{time.time() - 30:.3f}"}
+    zombie = instance.create_run_for_job(job, status=DagsterRunStatus.STARTED, tags=stale)
+    silent = instance.create_run_for_job(job, status=DagsterRunStatus.STARTED)  # died before its first beat
+    alive = instance.create_run_for_job(job, status=DagsterRunStatus.STARTED)
+    time.sleep(1.2)  # all three are past their start grace
+    instance.add_run_tags(alive.run_id, {HEARTBEAT_TAG: f"{time.time():.3f}"})
+
+    result = _evaluate_sensor(instance, nats_server.url)
+    # The live run drains the small backlog; the two dead ones are failed, no longer counted.
+    assert isinstance(result, SkipReason) and "keep up" in (result.skip_message or ""), result
+    status = [instance.get_run_by_id(r.run_id).status for r in (zombie, silent, alive)]
+    assert status == [DagsterRunStatus.FAILURE, DagsterRunStatus.FAILURE, DagsterRunStatus.STARTED]
+    failure = instance.all_logs(zombie.run_id)[-1]
+    assert "taken for dead: no heartbeat for" in (failure.message or "")
+
+    time.sleep(2.2)  # now the last one stops beating too
+    result = _evaluate_sensor(instance, nats_server.url)
+    assert isinstance(result, RunRequest), result
+    assert instance.get_run_by_id(alive.run_id).status == DagsterRunStatus.FAILURE
+
+
+def test_a_run_in_its_start_grace_or_beating_is_counted(nats_server, database_url):
+    from dagster import DagsterInstance, DagsterRunStatus, SkipReason
+
+    from tests.helpers import api_call, publish
+
+    instance = DagsterInstance.ephemeral()
+    job = _ingest_job(nats_server.url, database_url)
+    publish(nats_server.url, api_call("g1"))
+    for _ in range(2):
+        instance.create_run_for_job(job, status=DagsterRunStatus.STARTED)  # just started, no beat yet
+    result = _evaluate_sensor(instance, nats_server.url)
+    assert isinstance(result, SkipReason) and "the limit" in (result.skip_message or "")
+
+
+def test_a_draining_run_writes_its_heartbeat(nats_server, database_url):
+    from dagster import DagsterInstance
+
+    from meter_platform.defs.ingestion.liveness import HEARTBEAT_TAG
+    from tests.helpers import api_call, publish
+
+    publish(nats_server.url, api_call("hb1"))
+    instance = DagsterInstance.ephemeral()
+    config = {"max_seconds": 30, "idle_seconds": 0.5, "batch_size": 100}
+    result = _ingest_job(nats_server.url, database_url).execute_in_process(
+        run_config={"ops": {"ingest_microbatches": {"config": config}}}, instance=instance
+    )
+    assert result.success
+    assert float(instance.get_run_by_id(result.run_id).tags[HEARTBEAT_TAG]) > 0
+    [materialization] = [
+        m
+        for m in result.asset_materializations_for_node("ingest_microbatches")
+        if m.asset_key.path == ["usage_events"]
+    ]
+    assert materialization.metadata["stored"].value == 1  # the run was not taken for gone

@@ -7,6 +7,7 @@ before its batch is committed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -32,58 +33,79 @@ async def drain(
     on_batch: Callable[[BatchCounts], None] | None = None,
     crash_after_commit: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    heartbeat: Callable[[], None] | None = None,
 ) -> BatchCounts:
     """Drain the durable consumer in micro-batches until idle or out of time; return the run's counts.
 
     ``should_stop`` is asked before every fetch (at least every ``fetch_timeout`` seconds, and after
     each batch): once it answers True the drain fetches nothing more and returns, e.g. when the run it
     belongs to is gone. Anything fetched and not yet committed is left un-acked and so redelivered.
+    ``heartbeat`` is called every ``settings.heartbeat_seconds`` while the drain runs (in a thread, so
+    a slow batch does not delay it): proof to whoever watches the run that its process is alive.
 
     ``crash_after_commit`` exists for the test that kills a run between commit and ack: it raises
     right after the first commit, leaving that batch's messages un-acked.
     """
     settings = settings or DrainSettings()
     total = BatchCounts()
-    writer = MicroBatchWriter(catalog, database_url)
-    nc = await connect(nats_url, name=f"meter-ingest-{run_id or 'local'}")
+    beating = asyncio.create_task(_beat(heartbeat, settings.heartbeat_seconds)) if heartbeat else None
     try:
-        js = nc.jetstream()
-        await ensure_stream_and_consumer(js)
-        stream_created = await stream_incarnation(js)
-        sub = await js.pull_subscribe_bind(CONSUMER_NAME, STREAM_NAME)
-        started = last_seen = time.monotonic()
-        while time.monotonic() - started < settings.max_seconds:
-            if should_stop is not None and should_stop():
-                log.warning("drain stopped: its run is gone; what it fetched and did not ack is redelivered")
-                break
-            try:
-                fetched = await sub.fetch(settings.batch_size, timeout=settings.fetch_timeout)
-            except (NatsTimeoutError, TimeoutError):
-                if time.monotonic() - last_seen >= settings.idle_seconds:
+        writer = MicroBatchWriter(catalog, database_url)
+        nc = await connect(nats_url, name=f"meter-ingest-{run_id or 'local'}")
+        try:
+            js = nc.jetstream()
+            await ensure_stream_and_consumer(js)
+            stream_created = await stream_incarnation(js)
+            sub = await js.pull_subscribe_bind(CONSUMER_NAME, STREAM_NAME)
+            started = last_seen = time.monotonic()
+            while time.monotonic() - started < settings.max_seconds:
+                if should_stop is not None and should_stop():
+                    log.warning(
+                        "drain stopped: its run is gone; what it fetched and did not ack is redelivered"
+                    )
                     break
-                continue
-            if not fetched:  # nats-py can return an empty fetch on a stale pull status
-                continue
-            last_seen = time.monotonic()
-            messages = [from_nats(m, stream_created) for m in fetched]
-            # Steps 2-4, off the event loop so the NATS connection stays responsive.
-            counts = await asyncio.to_thread(writer.write, messages, run_id)
-            if crash_after_commit:
-                raise RuntimeError("simulated crash between commit and ack")
-            # 5. Only now, after the commit, ack. A crash before this line means redelivery, which
-            # step 3a turns into a no-op.
-            for m in fetched:
-                await m.ack()
-            await nc.flush()
-            total.add(counts)
-            if on_batch is not None:
-                on_batch(counts)
-        return total
+                try:
+                    fetched = await sub.fetch(settings.batch_size, timeout=settings.fetch_timeout)
+                except (NatsTimeoutError, TimeoutError):
+                    if time.monotonic() - last_seen >= settings.idle_seconds:
+                        break
+                    continue
+                if not fetched:  # nats-py can return an empty fetch on a stale pull status
+                    continue
+                last_seen = time.monotonic()
+                messages = [from_nats(m, stream_created) for m in fetched]
+                # Steps 2-4, off the event loop so the NATS connection stays responsive.
+                counts = await asyncio.to_thread(writer.write, messages, run_id)
+                if crash_after_commit:
+                    raise RuntimeError("simulated crash between commit and ack")
+                # 5. Only now, after the commit, ack. A crash before this line means redelivery, which
+                # step 3a turns into a no-op.
+                for m in fetched:
+                    await m.ack()
+                await nc.flush()
+                total.add(counts)
+                if on_batch is not None:
+                    on_batch(counts)
+            return total
+        finally:
+            writer.close()
+            # close(), not drain(): every ack was flushed above, and what was fetched but not acked
+            # must simply be left to redelivery.
+            await nc.close()
     finally:
-        writer.close()
-        # close(), not drain(): every ack was flushed above, and what was fetched but not acked must
-        # simply be left to redelivery.
-        await nc.close()
+        if beating is not None:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+
+
+async def _beat(heartbeat: Callable[[], None], every: float) -> None:
+    while True:
+        try:
+            await asyncio.to_thread(heartbeat)
+        except Exception as exc:  # a heartbeat that cannot be written must not stop the drain
+            log.warning("drain heartbeat failed: %s", exc)
+        await asyncio.sleep(every)
 
 
 def parent_exited() -> Callable[[], bool]:

@@ -19,8 +19,9 @@ from dagster import (
 )
 
 from meter_platform.config import DrainSettings
+from meter_platform.defs.ingestion.liveness import RunWatch
 from meter_platform.defs.resources import CatalogResource, NatsResource, PostgresResource
-from meter_platform.ingestion.drain import drain, parent_exited
+from meter_platform.ingestion.drain import drain
 from meter_platform.ingestion.writer import BatchCounts
 from meter_platform.storage import db
 
@@ -103,8 +104,8 @@ def ingest_microbatches(
     settings = DrainSettings(
         batch_size=config.batch_size, max_seconds=config.max_seconds, idle_seconds=config.idle_seconds
     )
-    # Stop when the run worker dies: nothing would record this run any longer.
-    watch = parent_exited()
+    # Stop when the run worker dies or the run is failed/canceled; prove to the sensor we are alive.
+    watch = RunWatch(context.instance, context.run.run_id)
     total = asyncio.run(
         drain(
             nats.url,
@@ -113,9 +114,12 @@ def ingest_microbatches(
             settings,
             run_id=context.run.run_id,
             on_batch=progress,
-            should_stop=watch,
+            should_stop=watch.should_stop,
+            heartbeat=watch.heartbeat,
         )
     )
+    if watch.gone:
+        context.log.warning(f"stopped draining early: {watch.gone}; un-acked messages are redelivered")
     context.log.info(
         f"drained {total.messages} messages ({total.events} events) in {total.batches} batches: "
         f"{total.stored} stored, {total.duplicates} duplicates, {total.quarantined} quarantined, "

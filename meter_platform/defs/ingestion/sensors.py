@@ -5,6 +5,7 @@ import time
 from dagster import (
     DagsterRunStatus,
     DefaultSensorStatus,
+    RunRecord,
     RunRequest,
     RunsFilter,
     SensorEvaluationContext,
@@ -12,9 +13,10 @@ from dagster import (
     sensor,
 )
 
-from meter_platform.config import load_ingestion_settings
+from meter_platform.config import IngestionSettings, load_ingestion_settings
 from meter_platform.defs.ingestion.assets import RUN_SECONDS
 from meter_platform.defs.ingestion.jobs import ingest_microbatch_job
+from meter_platform.defs.ingestion.liveness import dead_reason
 from meter_platform.defs.resources import NatsResource
 
 # NOT_STARTED is left out on purpose: a run whose submission failed stays there forever.
@@ -35,9 +37,13 @@ def jetstream_backlog_sensor(context: SensorEvaluationContext, nats: NatsResourc
     limits = load_ingestion_settings()
     backlog = nats.backlog()
     waiting = backlog.pending + backlog.ack_pending
-    records = context.instance.get_run_records(
-        RunsFilter(job_name=ingest_microbatch_job.name, statuses=ACTIVE_RUN_STATUSES)
-    )
+    records = [
+        r
+        for r in context.instance.get_run_records(
+            RunsFilter(job_name=ingest_microbatch_job.name, statuses=ACTIVE_RUN_STATUSES)
+        )
+        if not _fail_if_dead(context, r, limits)
+    ]
     active = len(records)
     # Events arrived since the last tick, even if a running drainer already took them.
     arriving = context.cursor is not None and backlog.last_seq > int(context.cursor)
@@ -56,6 +62,21 @@ def jetstream_backlog_sensor(context: SensorEvaluationContext, nats: NatsResourc
     if active > 0 and backlog.pending < limits.scale_out_backlog:
         return SkipReason(f"{waiting} messages waiting; {active} run(s) draining keep up")
     return RunRequest(tags=tags)
+
+
+def _fail_if_dead(context: SensorEvaluationContext, record: RunRecord, limits: IngestionSettings) -> bool:
+    """Mark a run whose process is gone as failed (so neither this sensor nor the run queue counts it
+    any longer); True when it was."""
+    reason = dead_reason(record, limits)
+    if reason is None:
+        return False
+    run = record.dagster_run
+    message = (
+        f"Run {run.run_id} taken for dead: {reason}; its un-acked messages are redelivered to the next run."
+    )
+    context.log.warning(message)
+    context.instance.report_run_failed(run, message)
+    return True
 
 
 def _age(record) -> float:
