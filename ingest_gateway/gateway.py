@@ -1,12 +1,14 @@
 """The gateway's state, owned by the app's lifespan: the NATS/JetStream connection (publishing, and
-looking up events still in the stream) and the database pool (read queries)."""
+looking up events still in the stream), the database pool (read queries), and what is known about
+their health (bounded reads for /readyz and /v1/ingest/status, the outcome of recent publishes)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -16,6 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 
+from ingest_gateway.health import DEPENDENCY_TIMEOUT, Dependency, NoAnswer, PublishOutcomes
 from ingest_gateway.http import ApiError
 from meter_platform.capture import jetstream
 from meter_platform.capture.envelope import (
@@ -32,6 +35,7 @@ from meter_platform.config import BATCH_HEADER, GATEWAY_SUBJECT, STREAM_NAME, Se
 from meter_platform.storage import db
 
 log = logging.getLogger("ingest_gateway")
+T = TypeVar("T")
 #: How long to wait for JetStream's ack (its fsync) before answering 503.
 PUBLISH_TIMEOUT = 5.0
 #: GET /v1/events/{id} looks for a not-yet-processed id among at most this many pending messages.
@@ -49,6 +53,9 @@ class Gateway:
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self.engine: AsyncEngine | None = None
+        self.nats_calls = Dependency("nats")
+        self.db_calls = Dependency("postgres")
+        self.publishes = PublishOutcomes()
 
     async def start(self) -> None:
         """Connect to NATS (making sure the stream exists) and create the database pool."""
@@ -62,6 +69,8 @@ class Gateway:
 
     async def stop(self) -> None:
         """Flush and close NATS; dispose of the pool."""
+        self.nats_calls.cancel_all()
+        self.db_calls.cancel_all()
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.drain()
         if self.engine is not None:
@@ -112,6 +121,7 @@ class Gateway:
         except Exception as exc:  # any failure means "not durable": the client must retry
             log.warning("JetStream did not confirm a publish: %r", exc)
             detail = str(exc) or type(exc).__name__
+            self.publishes.failed(detail)
             raise ApiError(
                 503,
                 "Events could not be made durable (broker unavailable or stream full); "
@@ -121,6 +131,7 @@ class Gateway:
                 [{"reason": detail, "ids": [e.id for e in events]}],
                 headers={"Retry-After": "1"},
             ) from exc
+        self.publishes.succeeded()
         log.debug("stored %d events in %d message(s), last seq %s", len(events), len(acks), acks[-1].seq)
 
     # --- read side -------------------------------------------------------------------------------
@@ -141,6 +152,22 @@ class Gateway:
                     503, "The database is unreachable. Retry shortly.", headers={"Retry-After": "2"}
                 ) from exc
             raise
+
+    async def read_nats(
+        self, read: Callable[[JetStreamContext], Awaitable[T]], timeout: float = DEPENDENCY_TIMEOUT
+    ) -> T:
+        """``read(js)`` within ``timeout``; NoAnswer if NATS is not connected or does not answer."""
+        assert self.js is not None and self.nc is not None
+        if not self.nc.is_connected:  # fail fast instead of waiting for a JetStream timeout
+            raise NoAnswer("nats", "not connected")
+        js = self.js
+        return await self.nats_calls.call(lambda: read(js), timeout)
+
+    async def read_db(
+        self, sql: str, params: dict[str, Any] | None = None, timeout: float = DEPENDENCY_TIMEOUT
+    ) -> list[Any]:
+        """:meth:`query` within ``timeout``; NoAnswer if PostgreSQL does not answer."""
+        return await self.db_calls.call(lambda: self.query(sql, params), timeout)
 
     async def find_pending(self, event_id: str) -> dict[str, Any] | None:
         """Look for an accepted, not yet processed event among the messages still in the stream."""

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 
+from ingest_gateway import status as status_module
 from ingest_gateway.app import create_app
 from meter_platform.capture import jetstream
-from meter_platform.config import STREAM_NAME, DrainSettings
+from meter_platform.config import CONSUMER_NAME, STREAM_NAME, DrainSettings
 from meter_platform.runtime.servers import start_nats
 from tests.helpers import api_call, backlog, publish, query, run_drain, scalar
 
@@ -680,3 +686,184 @@ def test_same_id_through_gateway_and_nats_is_counted_once(client, nats_server, d
     assert [row["value"] for row in usage["data"]] == [1]
     usage = client.get("/v1/meters/bytes_transferred/usage", params=week).json()
     assert [row["value"] for row in usage["data"]] == [10]
+
+
+# --- staying up: bounded answers, failing publishes, the true backlog ------------------------------
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a PostgreSQL postmaster and its backends), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, frontier = [pid], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        tree += children
+        frontier = children
+    return tree
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """SIGSTOP a server and every process it started (a frozen host, a stuck disk), SIGCONT after."""
+    stopped: list[int] = []
+    try:
+        os.kill(pid, signal.SIGSTOP)  # first, so that it starts no new backend meanwhile
+        stopped.append(pid)
+        for child in _process_tree(pid)[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGSTOP)
+                stopped.append(child)
+        yield
+    finally:
+        for each in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(each, signal.SIGCONT)
+
+
+def timed_get(url: str) -> tuple[httpx.Response, float]:
+    """GET with a client timeout well past the bound, and how long the answer took."""
+    started = time.monotonic()
+    response = httpx.get(url, timeout=10)
+    return response, time.monotonic() - started
+
+
+def assert_status_shape(status: dict[str, Any]) -> None:
+    """Every contract field of /v1/ingest/status is present (null when unknown)."""
+    assert set(status["stream"]) >= {"name", "last_seq", "messages"}
+    assert set(status["consumer"]) >= {"pending", "ack_floor", "uncounted"}
+    assert set(status["events"]) >= {"stored", "duplicates", "quarantined"}
+    assert isinstance(status["degraded"], list)
+
+
+def test_readyz_and_status_answer_in_time_while_postgres_is_frozen(gateway_url, pg_server):
+    assert httpx.get(f"{gateway_url}/readyz", timeout=10).status_code == 200  # the pool is warm
+    with frozen(pg_server.process.pid):
+        for _ in range(2):  # the second call finds the first still waiting: no pile-up, no hang
+            response, took = timed_get(f"{gateway_url}/readyz")
+            assert took < 3, took
+            body = assert_error_shape(response, 503)
+            assert "postgres" in body["error"]
+            checks = body["details"][0]
+            assert checks["postgres"].startswith("failed") and checks["nats"] == "ok"
+        response, took = timed_get(f"{gateway_url}/v1/ingest/status")
+        assert took < 3, took
+        assert response.status_code == 200, response.text
+        status = response.json()
+        assert_status_shape(status)
+        assert status["degraded"] == ["postgres"]
+        assert status["stream"] == {"name": STREAM_NAME, "last_seq": 0, "messages": 0}
+        assert status["consumer"]["pending"] == 0 and status["consumer"]["ack_floor"] == 0
+        assert status["consumer"]["uncounted"] is None
+        assert set(status["events"].values()) == {None}
+    wait_until(lambda: httpx.get(f"{gateway_url}/readyz", timeout=10).status_code == 200)
+    status = httpx.get(f"{gateway_url}/v1/ingest/status", timeout=10).json()
+    assert status["degraded"] == [] and status["events"]["stored"] == 0
+
+
+def test_readyz_and_status_answer_in_time_while_nats_is_frozen(gateway_url, nats_server):
+    assert httpx.get(f"{gateway_url}/readyz", timeout=10).status_code == 200
+    with frozen(nats_server.server.process.pid):
+        response, took = timed_get(f"{gateway_url}/readyz")
+        assert took < 3, took
+        body = assert_error_shape(response, 503)
+        assert "nats" in body["error"]
+        assert body["details"][0]["nats"].startswith("failed") and body["details"][0]["postgres"] == "ok"
+        response, took = timed_get(f"{gateway_url}/v1/ingest/status")
+        assert took < 3, took
+        assert response.status_code == 200, response.text
+        status = response.json()
+        assert_status_shape(status)
+        assert status["degraded"] == ["nats"]
+        assert status["stream"] == {"name": STREAM_NAME, "last_seq": None, "messages": None}
+        assert status["consumer"]["pending"] is None and status["consumer"]["uncounted"] is None
+        assert status["events"]["stored"] == 0 and status["events"]["balanced"] is True
+    wait_until(lambda: httpx.get(f"{gateway_url}/readyz", timeout=10).status_code == 200)
+
+
+def test_readyz_is_503_while_publishes_fail_until_the_stream_has_room(
+    client, nats_server, database_url, catalog, monkeypatch
+):
+    assert client.get("/readyz").status_code == 200
+    asyncio.run(_limit_stream(nats_server.url, 1))
+    assert post(client, api_call("room-1")).status_code == 202
+    assert client.get("/readyz").status_code == 200  # full, but no publish has failed yet
+    assert_error_shape(post(client, api_call("room-2")), 503)
+    monkeypatch.setattr(status_module, "PUBLISH_FAILURE_HOLD", 0.0)
+    # The connection is fine; JetStream refuses writes: not ready, for as long as the stream is full.
+    response = client.get("/readyz")
+    body = assert_error_shape(response, 503)
+    assert_retry_after(response)
+    assert "publish" in body["error"]
+    checks = body["details"][0]
+    assert checks["nats"] == checks["stream"] == checks["postgres"] == "ok"
+    assert checks["publish"].startswith("failing") and "full" in checks["publish"]
+    # Room again, but the failure is recent: still not ready, until a publish succeeds ...
+    drain(nats_server, database_url, catalog)
+    monkeypatch.setattr(status_module, "PUBLISH_FAILURE_HOLD", 60.0)
+    assert_error_shape(client.get("/readyz"), 503)
+    assert post(client, api_call("room-3")).status_code == 202
+    assert client.get("/readyz").status_code == 200
+    # ... or, with no publish at all (out of rotation), once the stream has room and the hold is over.
+    assert_error_shape(post(client, api_call("room-4")), 503)
+    assert_error_shape(client.get("/readyz"), 503)
+    drain(nats_server, database_url, catalog)
+    monkeypatch.setattr(status_module, "PUBLISH_FAILURE_HOLD", 0.0)
+    assert client.get("/readyz").status_code == 200
+
+
+async def _set_ack_wait(url: str, seconds: float) -> None:
+    nc = await jetstream.connect(url, name="tests")
+    try:
+        config = jetstream.consumer_config()
+        config.ack_wait = seconds
+        await nc.jetstream().add_consumer(STREAM_NAME, config)
+    finally:
+        await nc.close()
+
+
+async def _ack_only(url: str, seq: int) -> None:
+    """Take the consumer's messages (redelivered) and ack only the one at ``seq``."""
+    nc = await jetstream.connect(url, name="tests")
+    try:
+        sub = await nc.jetstream().pull_subscribe_bind(CONSUMER_NAME, STREAM_NAME)
+        for msg in await sub.fetch(10, timeout=3):
+            if msg.metadata.sequence.stream == seq:
+                await msg.ack()
+        await nc.flush()
+    finally:
+        await nc.close()
+
+
+def test_status_does_not_show_committed_but_unacked_messages_as_backlog(
+    client, nats_server, database_url, catalog
+):
+    asyncio.run(_set_ack_wait(nats_server.url, 1.0))
+    for event_id in ("u1", "u2", "u3"):
+        assert post(client, api_call(event_id)).status_code == 202
+    consumer = client.get("/v1/ingest/status").json()["consumer"]
+    assert consumer["pending"] == consumer["uncounted"] == 3
+    # Committed to the ledger, but the acks are lost (as in a NATS disk-full incident).
+    with pytest.raises(RuntimeError, match="between commit and ack"):
+        run_drain(nats_server.url, database_url, catalog, settings=QUICK_DRAIN, crash_after_commit=True)
+    status = client.get("/v1/ingest/status").json()
+    assert status["stream"]["messages"] == 3 and status["consumer"]["pending"] == 3
+    assert status["consumer"]["uncounted"] == 0 and status["degraded"] == []
+    assert status["events"]["stored"] == 3
+    assert post(client, api_call("u4")).status_code == 202
+    status = client.get("/v1/ingest/status").json()
+    assert status["consumer"]["pending"] == 4 and status["consumer"]["uncounted"] == 1
+    # A gap in the middle of the stream (seq 2 acked, 1 and 3 not) does not change the count.
+    time.sleep(1.2)  # past ack_wait: redelivered
+    asyncio.run(_ack_only(nats_server.url, 2))
+    status = client.get("/v1/ingest/status").json()
+    assert status["stream"]["messages"] == 3 and status["consumer"]["uncounted"] == 1
+    time.sleep(1.2)
+    drain(nats_server, database_url, catalog)
+    status = client.get("/v1/ingest/status").json()
+    assert status["stream"]["messages"] == 0 and status["consumer"]["pending"] == 0
+    assert status["consumer"]["uncounted"] == 0 and status["events"]["stored"] == 4
