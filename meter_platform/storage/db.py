@@ -42,8 +42,15 @@ def engine(url: str) -> Engine:
 
 
 def async_engine(url: str) -> AsyncEngine:
-    """A pooled async SQLAlchemy engine (the gateway's)."""
-    return create_async_engine(sqlalchemy_url(url), pool_pre_ping=True, pool_size=8, max_overflow=8)
+    """A pooled async SQLAlchemy engine (the gateway's). A new connection gives up after 5 s, so a frozen
+    or unreachable PostgreSQL makes requests fail (503) instead of hanging."""
+    return create_async_engine(
+        sqlalchemy_url(url),
+        pool_pre_ping=True,
+        pool_size=8,
+        max_overflow=8,
+        connect_args={"connect_timeout": 5},
+    )
 
 
 def migrations() -> list[tuple[int, str, str]]:

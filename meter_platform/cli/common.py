@@ -1,0 +1,41 @@
+"""What every ``meter`` command group shares: where the gateway and the database are, and tables."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from meter_platform.config import load_settings
+
+
+def gateway_url(args: argparse.Namespace) -> str:
+    """``--gateway``, else the gateway of the running ``meter up``, else the configured host and port."""
+    if getattr(args, "gateway", None):
+        return args.gateway.rstrip("/")
+    from meter_platform.runtime.up import read_runtime
+
+    runtime = read_runtime()
+    if runtime.get("gateway_url"):
+        return runtime["gateway_url"]
+    settings = load_settings()
+    return f"http://{settings.gateway_host}:{settings.gateway_port}"
+
+
+def database_url() -> str:
+    """METER_DATABASE_URL, or the database of the running `meter up`."""
+    from meter_platform.runtime.up import read_runtime
+
+    url = load_settings().database_url or read_runtime().get("database_url")
+    if not url:
+        raise RuntimeError(
+            "METER_DATABASE_URL is not set and no `meter up` is running here (.meter/runtime.json); "
+            "start the platform or export METER_DATABASE_URL"
+        )
+    return url
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Columns padded to their widest cell, two spaces apart."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    for line in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=False)).rstrip())
