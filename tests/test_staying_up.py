@@ -249,3 +249,13 @@ def test_a_draining_run_writes_its_heartbeat(nats_server, database_url):
         if m.asset_key.path == ["usage_events"]
     ]
     assert materialization.metadata["stored"].value == 1  # the run was not taken for gone
+
+
+def test_a_micro_batch_run_runs_the_drain_and_not_the_data_quality_checks():
+    """The data-quality checks targeting the ingestion assets ran inside every micro-batch run as well
+    (the job selected the assets with all their checks): minutes of queries per run under traffic."""
+    from meter_platform.definitions import defs
+
+    job = defs.resolve_job_def("ingest_microbatch_job")
+    assert [node.name for node in job.graph.node_defs] == ["ingest_microbatches"]
+    assert [key.name for key in job.asset_layer.asset_graph.asset_check_keys] == ["ingest_ledger_balances"]
