@@ -6,7 +6,7 @@ Run it with ``meter up``, or ``uvicorn --factory ingest_gateway.app:create_app``
 
 This module only assembles the app: the routes table, the lifespan that owns the
 :class:`~ingest_gateway.gateway.Gateway`, and the mapping of errors to the contract's error shape.
-Each route group lives in its own module (``events``, ``meters``, ``quarantine``, ``status``).
+Each route group lives in its own module (``events``, ``meters``, ``quarantine``, ``billing``, ``status``).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ingest_gateway import events, meters, quarantine, status
+from ingest_gateway import billing, events, meters, quarantine, status
 from ingest_gateway.gateway import Gateway
 from ingest_gateway.http import ApiError, json_response
 from meter_platform.catalog import Catalog, load_catalog
 from meter_platform.config import Settings, load_settings
+from meter_platform.errors import PlatformError
 
 log = logging.getLogger("ingest_gateway")
 
@@ -39,6 +40,15 @@ ROUTES = [
     Route("/v1/meters/{slug}/usage", meters.meter_usage, methods=["GET"]),
     # quarantine
     Route("/v1/quarantine", quarantine.list_quarantine, methods=["GET"]),
+    # billing: customers, subscriptions, invoices
+    Route("/v1/customers", billing.list_customers, methods=["GET"]),
+    Route("/v1/customers/{customer_id}", billing.put_customer, methods=["PUT"]),
+    Route("/v1/customers/{customer_id}", billing.get_customer, methods=["GET"]),
+    Route("/v1/customers/{customer_id}/subscriptions", billing.post_subscription, methods=["POST"]),
+    Route("/v1/invoices", billing.list_invoices, methods=["GET"]),
+    Route("/v1/invoices.csv", billing.invoices_csv, methods=["GET"]),
+    Route("/v1/invoices/{invoice_id}.html", billing.invoice_html, methods=["GET"]),
+    Route("/v1/invoices/{invoice_id}", billing.get_invoice, methods=["GET"]),
     # operations
     Route("/v1/ingest/status", status.ingest_status, methods=["GET"]),
     Route("/healthz", status.healthz, methods=["GET"]),
@@ -49,6 +59,11 @@ ROUTES = [
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return json_response({"error": exc.error, "details": exc.details}, status=exc.status, headers=exc.headers)
+
+
+async def _platform_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, PlatformError)
+    return json_response({"error": exc.message, "details": exc.details}, status=exc.status)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -84,5 +99,10 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
     return Starlette(
         routes=list(ROUTES),
         lifespan=lifespan,
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
+        exception_handlers={
+            ApiError: _api_error,
+            PlatformError: _platform_error,
+            HTTPException: _http_error,
+            Exception: _server_error,
+        },
     )

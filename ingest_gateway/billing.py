@@ -1,0 +1,172 @@
+"""Customers, subscriptions and invoices: ``/v1/customers`` and ``/v1/invoices`` (JSON, CSV, HTML).
+
+Low-volume administrative routes: each runs its statements on its own PostgreSQL connection in a
+worker thread, in one transaction, with the billing room's functions (the same ones the CLI and the
+Dagster assets use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
+import psycopg
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+
+from ingest_gateway.gateway import gateway_of
+from ingest_gateway.http import ApiError, json_response, read_body
+from meter_platform.billing import customers, statements
+from meter_platform.config import require_url
+from meter_platform.storage import db
+
+T = TypeVar("T")
+_MAX_ADMIN_BODY = 64 * 1024
+
+
+async def _in_transaction(request: Request, work: Callable[[psycopg.Connection], T]) -> T:
+    url = require_url(gateway_of(request).settings.database_url, "METER_DATABASE_URL")
+
+    def run() -> T:
+        try:
+            with db.connect(url, connect_timeout=5) as conn:
+                result = work(conn)
+                conn.commit()
+                return result
+        except psycopg.OperationalError as exc:
+            raise ApiError(
+                503, "The database is unreachable. Retry shortly.", headers={"Retry-After": "2"}
+            ) from exc
+
+    return await asyncio.to_thread(run)
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    body = await read_body(request, _MAX_ADMIN_BODY)
+    try:
+        data = msgspec.json.decode(body) if body.strip() else {}
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"The body is not valid JSON ({exc}).") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "The body must be a JSON object.")
+    return data
+
+
+def _customer_id(request: Request) -> str:
+    customer_id = request.path_params["customer_id"]
+    if not 1 <= len(customer_id) <= 256 or "\x00" in customer_id:
+        raise ApiError(400, "A customer id is 1 to 256 characters, without NUL.")
+    return customer_id
+
+
+async def put_customer(request: Request) -> Response:
+    """PUT /v1/customers/{id}: create or update; with ``plan``, subscribe (or change plan) at
+    ``subscribed_from`` (default: now). 201 when created, 200 when updated."""
+    customer_id, body = _customer_id(request), await _json_object(request)
+    plans = gateway_of(request).catalog.plans
+
+    def work(conn: psycopg.Connection) -> tuple[bool, dict[str, Any] | None]:
+        created = customers.put_customer(conn, customer_id, body, plans)
+        return created, customers.customer_json(conn, customer_id)
+
+    created, customer = await _in_transaction(request, work)
+    return json_response(customer, status=201 if created else 200)
+
+
+async def get_customer(request: Request) -> Response:
+    """GET /v1/customers/{id}: the customer and its subscriptions."""
+    customer_id = _customer_id(request)
+    customer = await _in_transaction(request, lambda conn: customers.customer_json(conn, customer_id))
+    if customer is None:
+        raise ApiError(404, f"No customer {customer_id!r}; create it with PUT /v1/customers/{{id}}.")
+    return json_response(customer)
+
+
+def _paging(request: Request) -> tuple[int, int]:
+    try:
+        limit = int(request.query_params.get("limit") or 1000)
+        offset = int(request.query_params.get("offset") or 0)
+    except ValueError as exc:
+        raise ApiError(400, "limit and offset must be integers.") from exc
+    if not 1 <= limit <= 1000 or offset < 0:
+        raise ApiError(400, "limit must be 1 to 1000 and offset at least 0.")
+    return limit, offset
+
+
+async def list_customers(request: Request) -> Response:
+    """GET /v1/customers: every customer by id, with subscriptions (``limit``, ``offset``)."""
+    limit, offset = _paging(request)
+    found = await _in_transaction(request, lambda conn: customers.list_customers(conn, limit, offset))
+    return json_response({"customers": found})
+
+
+async def post_subscription(request: Request) -> Response:
+    """POST /v1/customers/{id}/subscriptions ``{"plan", "starts_at"}``: change plan at that instant."""
+    customer_id, body = _customer_id(request), await _json_object(request)
+    unknown = sorted(set(body) - {"plan", "starts_at"})
+    if unknown or "plan" not in body:
+        raise ApiError(400, "The body is {\"plan\": ..., \"starts_at\": RFC 3339 (default: now)}.",
+                       [{"field": f, "message": "unknown field"} for f in unknown])  # fmt: skip
+    at = customers.parse_instant(body["starts_at"], "starts_at") if body.get("starts_at") else None
+    plans = gateway_of(request).catalog.plans
+
+    def work(conn: psycopg.Connection) -> dict[str, Any] | None:
+        from datetime import UTC, datetime
+
+        customers.subscribe(conn, customer_id, body["plan"], at or datetime.now(UTC), plans)
+        return customers.customer_json(conn, customer_id)
+
+    return json_response(await _in_transaction(request, work), status=201)
+
+
+def _filters(request: Request) -> tuple[str | None, str | None, str | None]:
+    q = request.query_params
+    return q.get("customer_id") or None, q.get("period") or None, q.get("status") or None
+
+
+async def list_invoices(request: Request) -> Response:
+    """GET /v1/invoices?customer_id=&period=YYYY-MM&status=draft|final."""
+    customer_id, period, status = _filters(request)
+    found = await _in_transaction(
+        request, lambda conn: statements.invoices_json(conn, customer_id, period, status)
+    )
+    return json_response({"invoices": found})
+
+
+async def invoices_csv(request: Request) -> Response:
+    """GET /v1/invoices.csv?period=: one row per invoice line, for finance."""
+    customer_id, period, status = _filters(request)
+    found = await _in_transaction(
+        request,
+        lambda conn: statements.invoices_csv(statements.invoices_json(conn, customer_id, period, status)),
+    )
+    name = statements.safe_filename(f"invoices-{period or 'all'}.csv")
+    return Response(found, media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})  # fmt: skip
+
+
+async def _invoice(request: Request) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    invoice_id = request.path_params["invoice_id"]
+
+    def work(conn: psycopg.Connection) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        inv = statements.invoice_json(conn, invoice_id)
+        return inv, customers.customer_json(conn, inv["customer_id"]) if inv else None
+
+    inv, customer = await _in_transaction(request, work)
+    if inv is None:
+        raise ApiError(404, f"No invoice {invoice_id!r}; GET /v1/invoices lists them.")
+    return inv, customer
+
+
+async def get_invoice(request: Request) -> Response:
+    """GET /v1/invoices/{id}."""
+    inv, _ = await _invoice(request)
+    return json_response(inv)
+
+
+async def invoice_html(request: Request) -> Response:
+    """GET /v1/invoices/{id}.html: the invoice as a page to send or print."""
+    inv, customer = await _invoice(request)
+    return HTMLResponse(statements.invoice_html(inv, customer))
