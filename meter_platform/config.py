@@ -161,6 +161,7 @@ class QualitySettings:
     max_duplicate_rate: float = 0.20
     volume_factor: float = 3.0  # today vs the trailing daily mean: outside [mean/f, mean*f] is an anomaly
     volume_min_days: int = 3
+    max_backlog_age: timedelta = timedelta(minutes=5)  # the oldest event waiting in JetStream, at most
 
     @classmethod
     def from_env(cls) -> QualitySettings:
@@ -171,6 +172,7 @@ class QualitySettings:
             max_quarantine_rate=_env_float("METER_QUALITY_MAX_QUARANTINE_RATE", 0.05),
             max_duplicate_rate=_env_float("METER_QUALITY_MAX_DUPLICATE_RATE", 0.20),
             volume_factor=_env_float("METER_QUALITY_VOLUME_FACTOR", 3),
+            max_backlog_age=timedelta(minutes=_env_float("METER_QUALITY_MAX_BACKLOG_AGE_MINUTES", 5)),
         )
 
 

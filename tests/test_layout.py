@@ -26,6 +26,7 @@ DAGSTER_NAMES = {
         "invoices:finalized_only_with_quality_passing",
         "invoices:invoice_totals_equal_their_lines",
         "invoices:one_invoice_per_subscribed_customer",
+        "jetstream_events:backlog_age",
         "quarantined_events:quarantine_rate",
         "usage_events:duplicate_rate",
         "usage_events:every_customer_known",

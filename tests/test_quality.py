@@ -189,6 +189,7 @@ def test_data_quality_job_records_results_and_blocks_invoices_on_errors(nats_ser
         "duplicate_rate",
         "every_customer_known",
         "quarantine_rate",
+        "backlog_age",
     }
     assert all(e.passed for e in evaluations.values()), [n for n, e in evaluations.items() if not e.passed]
     [summary] = [
@@ -211,4 +212,4 @@ def test_data_quality_job_records_results_and_blocks_invoices_on_errors(nats_ser
             "aggregates_reconcile_with_raw_events"
         ]
         recorded = conn.execute("SELECT count(*) FROM quality_check_results").fetchone()
-    assert recorded == (18,)
+    assert recorded == (20,)

@@ -259,3 +259,64 @@ def test_a_micro_batch_run_runs_the_drain_and_not_the_data_quality_checks():
     job = defs.resolve_job_def("ingest_microbatch_job")
     assert [node.name for node in job.graph.node_defs] == ["ingest_microbatches"]
     assert [key.name for key in job.asset_layer.asset_graph.asset_check_keys] == ["ingest_ledger_balances"]
+
+
+# --- 1b. an alert when events wait too long ------------------------------------------------------
+
+
+def test_backlog_age_check_fails_when_the_oldest_waiting_event_is_too_old():
+    from datetime import UTC, datetime, timedelta
+
+    from meter_platform import quality
+
+    settings = quality.QualitySettings(max_backlog_age=timedelta(minutes=5))
+    now = datetime(2025, 7, 24, 10, 30, tzinfo=UTC)
+    assert quality.backlog_age(None, 0, settings, now).passed
+    fresh = quality.backlog_age(now - timedelta(minutes=4), 12, settings, now)
+    assert fresh.passed and fresh.metadata["oldest_age_seconds"] == 240
+    stale = quality.backlog_age(now - timedelta(minutes=6), 12, settings, now)
+    assert not stale.passed and (stale.severity, stale.asset) == ("ERROR", "jetstream_events")
+    assert "12 events waiting" in stale.description and "6.0 minutes" in stale.description
+
+
+def test_the_oldest_waiting_event_is_read_from_jetstream(nats_server, database_url, catalog, monkeypatch):
+    """The data-quality run reads the real stream: an event left waiting makes the check fail."""
+    import time
+    from datetime import UTC, datetime
+
+    from dagster import DagsterInstance, Definitions
+
+    from meter_platform.config import EXAMPLE_CATALOG_DIR
+    from meter_platform.defs.quality.checks import DATA_QUALITY_SUMMARY, data_quality_checks, data_quality_job
+    from meter_platform.defs.resources import CatalogResource, NatsResource, PostgresResource
+    from tests.helpers import api_call, publish
+
+    async def oldest() -> datetime | None:
+        nc = await jetstream.connect(nats_server.url, name="tests")
+        try:
+            return await jetstream.oldest_pending(nc.jetstream())
+        finally:
+            await nc.close()
+
+    assert asyncio.run(oldest()) is None
+    before = datetime.now(UTC)
+    publish(nats_server.url, api_call("old1"))
+    publish(nats_server.url, api_call("old2"))
+    stored = asyncio.run(oldest())
+    assert stored is not None and abs((stored - before).total_seconds()) < 2
+
+    monkeypatch.setenv("METER_QUALITY_MAX_BACKLOG_AGE_MINUTES", str(1 / 60))  # one second
+    time.sleep(1.5)
+    job = Definitions(
+        asset_checks=[data_quality_checks],
+        assets=[DATA_QUALITY_SUMMARY],
+        jobs=[data_quality_job],
+        resources={
+            "postgres": PostgresResource(url=database_url),
+            "nats": NatsResource(url=nats_server.url),
+            "catalog": CatalogResource(catalog_dir=str(EXAMPLE_CATALOG_DIR)),
+        },
+    ).resolve_job_def("data_quality_job")
+    result = job.execute_in_process(instance=DagsterInstance.ephemeral())
+    [check] = [e for e in result.get_asset_check_evaluations() if e.check_name == "backlog_age"]
+    assert not check.passed and check.metadata["waiting_messages"].value == 2

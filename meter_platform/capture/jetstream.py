@@ -137,3 +137,23 @@ async def backlog(js: JetStreamContext) -> Backlog:
         ack_floor=consumer.ack_floor.stream_seq if consumer.ack_floor else 0,
         stream_created=stream.created if isinstance(stream.created, datetime) else None,
     )
+
+
+async def oldest_pending(js: JetStreamContext) -> datetime | None:
+    """When JetStream stored the oldest message not yet committed by the pipeline (None: none waits).
+
+    A work queue holds exactly the messages not yet acked, so that is the stream's first message (acks
+    out of order leave gaps behind it, never before it). One acked meanwhile is looked up again.
+    """
+    for _ in range(5):
+        state = (await js.stream_info(STREAM_NAME)).state
+        if state.messages == 0:
+            return None
+        try:
+            stored = (await js.get_msg(STREAM_NAME, seq=state.first_seq)).time
+        except NotFoundError:
+            continue
+        if stored is None:
+            raise RuntimeError(f"JetStream did not report when message {state.first_seq} was stored")
+        return stored
+    raise RuntimeError(f"the first message of stream {STREAM_NAME} kept moving while being read")

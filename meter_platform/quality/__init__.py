@@ -6,6 +6,7 @@ and says which failures block invoice finalization.
 """
 
 from meter_platform.config import QualitySettings
+from meter_platform.quality.backlog import backlog_age
 from meter_platform.quality.expectations import catalog_customers, expectation_checks
 from meter_platform.quality.outcomes import blocking_failures, latest_outcomes, record
 from meter_platform.quality.registry import BLOCKING_CHECKS, CHECKS, CheckOutcome, CheckSpec
@@ -23,6 +24,7 @@ __all__ = [
     "CheckOutcome",
     "CheckSpec",
     "QualitySettings",
+    "backlog_age",
     "blocking_failures",
     "catalog_customers",
     "expectation_checks",

@@ -77,6 +77,12 @@ CHECKS: dict[str, CheckSpec] = {
             "every customer with usage is a known customer (great-expectations)",
         ),
         CheckSpec(
+            "backlog_age",
+            "jetstream_events",
+            "ERROR",
+            "the oldest event waiting in JetStream waited at most METER_QUALITY_MAX_BACKLOG_AGE_MINUTES (5)",
+        ),
+        CheckSpec(
             "quarantine_rate", "quarantined_events", "WARN", "share of quarantined events in the last 24 h"
         ),
     )

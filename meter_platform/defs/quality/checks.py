@@ -5,6 +5,8 @@ One op evaluates every check (plain SQL first, then great-expectations), records
 check history on each asset in the UI) and materializes ``data_quality_summary``.
 """
 
+import asyncio
+from datetime import datetime
 from typing import Any
 
 from dagster import (
@@ -24,6 +26,7 @@ from dagster import (
 )
 
 from meter_platform import quality
+from meter_platform.capture import jetstream
 from meter_platform.defs.resources import CatalogResource, NatsResource, PostgresResource
 from meter_platform.ingestion.ledger import LEDGER_TOTALS_SQL, LedgerTotals
 from meter_platform.meters.aggregates import active_meters
@@ -63,7 +66,16 @@ def evaluate_all(
             *quality.ingest_rates(conn, settings),
         ]
     outcomes += quality.expectation_checks(database_url, catalog, settings)
+    outcomes.append(quality.backlog_age(asyncio.run(_oldest_pending(nats.url)), backlog.messages, settings))
     return outcomes
+
+
+async def _oldest_pending(url: str) -> datetime | None:
+    nc = await jetstream.connect(url, name="meter-quality", max_reconnect_attempts=0)
+    try:
+        return await jetstream.oldest_pending(nc.jetstream())
+    finally:
+        await nc.close()
 
 
 @multi_asset_check(
