@@ -3,16 +3,18 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# Every install takes the locked versions of constraints.txt, so two fresh machines install the same set.
+LOCK := constraints.txt
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 
-.PHONY: up test check lint format typecheck install bench clean
+.PHONY: up test check lint format typecheck install bench clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -41,6 +43,18 @@ check: install
 
 bench: install
 	$(BIN)/python bench/ingest_bench.py
+
+# Re-resolve the newest versions pyproject.toml allows, in a scratch venv, and write them to constraints.txt.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade pip
+	.lock-venv/bin/python -m pip install --quiet '.[dev]'
+	{ echo "# The resolved set of every dependency (and theirs) that make installs with: pip install -c constraints.txt."; \
+	  echo "# Refresh with \`make lock\` (re-resolves the newest versions pyproject.toml allows), then run make check."; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -vi '^meter-platform'; } > $(LOCK)
+	rm -rf .lock-venv
+	@echo "constraints.txt refreshed: review the diff, then make check"
 
 clean:
 	rm -rf $(VENV) .meter dagster_home/storage dagster_home/history dagster_home/logs
