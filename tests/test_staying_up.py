@@ -261,6 +261,25 @@ def test_a_micro_batch_run_runs_the_drain_and_not_the_data_quality_checks():
     assert [key.name for key in job.asset_layer.asset_graph.asset_check_keys] == ["ingest_ledger_balances"]
 
 
+def test_a_drain_stops_once_its_run_is_no_longer_started(nats_server, database_url):
+    """The sensor took the run for dead (or someone canceled it): its drain, alive after all, stops."""
+    from dagster import DagsterInstance, DagsterRunStatus
+
+    from meter_platform.defs.ingestion.liveness import HEARTBEAT_TAG, RunWatch
+
+    instance = DagsterInstance.ephemeral()
+    run = instance.create_run_for_job(
+        _ingest_job(nats_server.url, database_url), status=DagsterRunStatus.STARTED
+    )
+    watch = RunWatch(instance, run.run_id)
+    watch.heartbeat()
+    assert not watch.should_stop() and HEARTBEAT_TAG in instance.get_run_by_id(run.run_id).tags
+    instance.report_run_failed(run, "taken for dead")
+    assert not watch.should_stop()  # noticed at the next heartbeat, within seconds
+    watch.heartbeat()
+    assert watch.should_stop() and watch.gone == "the run is FAILURE"
+
+
 # --- 1b. an alert when events wait too long ------------------------------------------------------
 
 
