@@ -33,6 +33,7 @@ DAGSTER_NAMES = {
         "usage_events:freshness",
         "usage_events:ingest_ledger_balances",
         "usage_events:ledger_continuity",
+        "usage_events:usage_without_subscription",
         "usage_events:values_within_declared_ranges",
         "usage_minute_aggregates:aggregates_reconcile_with_raw_events",
         "usage_minute_aggregates:no_negative_quantities",

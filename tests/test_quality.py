@@ -190,6 +190,7 @@ def test_data_quality_job_records_results_and_blocks_invoices_on_errors(nats_ser
         "every_customer_known",
         "quarantine_rate",
         "backlog_age",
+        "usage_without_subscription",
     }
     assert all(e.passed for e in evaluations.values()), [n for n, e in evaluations.items() if not e.passed]
     [summary] = [

@@ -15,6 +15,7 @@ from meter_platform.quality.sql_checks import (
     ingest_rates,
     ledger_continuity,
     reconcile_aggregates,
+    usage_without_subscription,
     volume_anomaly,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "ledger_continuity",
     "reconcile_aggregates",
     "record",
+    "usage_without_subscription",
     "volume_anomaly",
 ]

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 import yaml
 
 from meter_platform.catalog import Catalog
 from meter_platform.config import QualitySettings
 from meter_platform.quality import registry
 from meter_platform.quality.outcomes import CheckOutcome
-from meter_platform.storage.db import sqlalchemy_url
+from meter_platform.storage.db import libpq_url, sqlalchemy_url
 
 
 def expectation_checks(database_url: str, catalog: Catalog, settings: QualitySettings) -> list[CheckOutcome]:
@@ -113,13 +114,13 @@ def expectation_checks(database_url: str, catalog: Catalog, settings: QualitySet
         )
     )
     # 3. Every customer known.
-    known = catalog_customers(catalog)
+    known = known_customers(database_url, catalog)
     if known is None:
         outcomes.append(
             registry.outcome(
                 "every_customer_known",
                 True,
-                "no customers.yaml in the catalog: every customer id is accepted",
+                "no customer registered (PUT /v1/customers) and no customers.yaml: every customer id is accepted",
                 {"registry": False},
             )
         )
@@ -134,13 +135,22 @@ def expectation_checks(database_url: str, catalog: Catalog, settings: QualitySet
             registry.outcome(
                 "every_customer_known",
                 count == 0,
-                f"{count} customer(s) with usage are not in customers.yaml, e.g. {', '.join(map(str, sample[:5]))}"
+                f"{count} customer(s) with usage are not registered (PUT /v1/customers or customers.yaml), e.g. {', '.join(map(str, sample[:5]))}"
                 if count
-                else f"every customer with usage is one of the {len(known)} in customers.yaml",
+                else f"every customer with usage is one of the {len(known)} registered",
                 {"registry": True, "unknown_customers": count, "sample": [str(v) for v in sample[:20]]},
             )
         )
     return outcomes
+
+
+def known_customers(database_url: str, catalog: Catalog) -> set[str] | None:
+    """The customer registry (``customers`` table) with the ids of a ``customers.yaml`` seed; None when
+    both are empty (then every customer id is accepted)."""
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        registered = {row[0] for row in conn.execute("SELECT id FROM customers")}
+    seed = catalog_customers(catalog) or set()
+    return (registered | seed) or None
 
 
 def catalog_customers(catalog: Catalog) -> set[str] | None:

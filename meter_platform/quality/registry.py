@@ -83,6 +83,12 @@ CHECKS: dict[str, CheckSpec] = {
             "the oldest event waiting in JetStream waited at most METER_QUALITY_MAX_BACKLOG_AGE_MINUTES (5)",
         ),
         CheckSpec(
+            "usage_without_subscription",
+            "usage_events",
+            "WARN",
+            "every customer with recent usage has a subscription covering it (else it is never billed)",
+        ),
+        CheckSpec(
             "quarantine_rate", "quarantined_events", "WARN", "share of quarantined events in the last 24 h"
         ),
     )

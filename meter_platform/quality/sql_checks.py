@@ -263,3 +263,33 @@ def ingest_rates(
             )
         )
     return out
+
+
+def usage_without_subscription(
+    conn: psycopg.Connection, settings: QualitySettings, now: datetime | None = None
+) -> CheckOutcome:
+    """Customers with usage in the lookback window that no subscription covers: billing would never
+    see it. Passes while no subscription exists at all (billing is not in use)."""
+    now = now or datetime.now(UTC)
+    if conn.execute("SELECT NOT EXISTS (SELECT 1 FROM subscriptions)").fetchone() == (True,):
+        return registry.outcome(
+            "usage_without_subscription", True, "no subscriptions: billing is not in use", {"billing": False}
+        )
+    rows = conn.execute(
+        "SELECT a.customer_id, count(DISTINCT a.meter_slug), min(a.minute) FROM usage_minute_aggregates a"
+        " WHERE a.minute >= %s AND a.event_count > 0 AND NOT EXISTS (SELECT 1 FROM subscriptions s"
+        "   WHERE s.customer_id = a.customer_id AND s.starts_at <= a.minute"
+        "   AND (s.ends_at IS NULL OR s.ends_at > a.minute))"
+        " GROUP BY a.customer_id ORDER BY a.customer_id LIMIT 50",
+        (now - settings.lookback,),
+    ).fetchall()
+    sample = [{"customer_id": c, "meters": m, "first_minute": f.isoformat()} for c, m, f in rows]
+    return registry.outcome(
+        "usage_without_subscription",
+        not rows,
+        f"{len(rows)} customer(s) have usage no subscription covers, e.g. {rows[0][0]} from {rows[0][2].isoformat()};"
+        " subscribe them (PUT /v1/customers/{id} with a plan) or their usage is never billed"
+        if rows
+        else "every customer with recent usage has a subscription covering it",
+        {"billing": True, "uncovered": sample[:20]},
+    )

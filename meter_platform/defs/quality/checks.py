@@ -64,6 +64,7 @@ def evaluate_all(
             quality.freshness(conn, meters, settings),
             quality.volume_anomaly(conn, meters, settings),
             *quality.ingest_rates(conn, settings),
+            quality.usage_without_subscription(conn, settings),
         ]
     outcomes += quality.expectation_checks(database_url, catalog, settings)
     outcomes.append(quality.backlog_age(asyncio.run(_oldest_pending(nats.url)), backlog.messages, settings))
