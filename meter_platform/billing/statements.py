@@ -167,7 +167,7 @@ def invoice_html(inv: dict[str, Any], customer: dict[str, Any] | None) -> str:
         period = f"{line['service_period_start'][:10]} &ndash; {line['service_period_end'][:10]}"
         rows.append(
             f"<tr><td>{e(line['type'].replace('_', ' '))}</td><td>{what}<div class='muted'>{period}</div></td>"
-            f"<td class='num'>{e(line['quantity'] or '')}</td>"
+            f"<td class='num'>{e(format(Decimal(line['quantity']), ',f') if line['quantity'] else '')}</td>"
             f"<td class='num'>{e(format_money(Decimal(line['amount']), cur))}</td></tr>"
         )
     subtotal, total = format_money(Decimal(inv["subtotal"]), cur), format_money(Decimal(inv["total"]), cur)
