@@ -14,6 +14,9 @@ import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 EXAMPLE_CATALOG_DIR = PACKAGE_DIR / "example_catalog"
@@ -31,24 +34,22 @@ CONSUMER_NAME = "meter-ingest"
 BATCH_HEADER = "Meter-Batch"
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default: N, kind: type[N], what: str) -> N:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError as exc:
-        raise SystemExit(f"{name} must be an integer, got {raw!r}") from exc
+        raise SystemExit(f"{name} must be {what}, got {raw!r}") from exc
+
+
+def _env_int(name: str, default: int) -> int:
+    return _env_number(name, default, int, "an integer")
 
 
 def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise SystemExit(f"{name} must be a number, got {raw!r}") from exc
+    return _env_number(name, default, float, "a number")
 
 
 def env(name: str) -> str | None:
