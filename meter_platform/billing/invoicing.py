@@ -67,8 +67,9 @@ class PeriodReport:
 
 
 def _lock(conn: psycopg.Connection, period: str) -> None:
-    key = int.from_bytes(hashlib.sha256(period.encode()).digest()[:4], "big")
-    row = conn.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", (_LOCK_SPACE, key)).fetchone()
+    # Both keys of the two-key lock are int4: a signed 32-bit slice of the period's hash.
+    key = int.from_bytes(hashlib.sha256(period.encode()).digest()[:4], "big", signed=True)
+    row = conn.execute("SELECT pg_try_advisory_xact_lock(%s::int4, %s::int4)", (_LOCK_SPACE, key)).fetchone()
     if not row or not row[0]:
         raise Conflict(
             f"another billing run of {period} is writing; this one changed nothing. Run it again after."
