@@ -33,7 +33,8 @@ import psycopg
 
 from meter_platform.billing.customers import subscriptions_in
 from meter_platform.billing.invoice import Line, adjustment_lines, build_lines, totals
-from meter_platform.billing.periods import Segment, period_bounds, segments
+from meter_platform.billing.money import round_money
+from meter_platform.billing.periods import Segment, period_bounds, prorate, segments
 from meter_platform.billing.usage import UsageRows, charge_usage
 from meter_platform.catalog import Catalog
 from meter_platform.catalog.plans import Charge, Plan
@@ -108,7 +109,7 @@ def _billed_so_far(conn: psycopg.Connection, customer: str, period: str) -> dict
         "SELECT l.plan, l.meter, l.grp, l.service_period_start, l.service_period_end, l.quantity, l.events"
         " FROM invoice_lines l JOIN invoices i ON i.id = l.invoice_id"
         " WHERE i.customer_id = %s AND i.status = 'final' AND ((i.period = %s AND l.type = 'usage')"
-        " OR (l.type = 'adjustment' AND l.adjusts_period = %s)) ORDER BY i.period, l.line_no",
+        " OR (l.type = 'adjustment' AND l.meter IS NOT NULL AND l.adjusts_period = %s)) ORDER BY i.period, l.line_no",
         (customer, period, period),
     ):
         entry = billed.setdefault((plan, meter, _group_key(grp), start, end), [Decimal(0), 0, grp])
@@ -117,35 +118,103 @@ def _billed_so_far(conn: psycopg.Connection, customer: str, period: str) -> dict
     return billed
 
 
-def _adjustments_for(conn: psycopg.Connection, catalog: Catalog, customer: str, period: str) -> list[Line]:
-    """Adjustment lines for late usage of the final ``period`` of ``customer``."""
-    billed = _billed_so_far(conn, customer, period)
+def _segment_amounts(conn: psycopg.Connection, customer: str, period: str) -> dict[tuple, list[Decimal]]:
+    """(plan, service start, service end) -> [base fee and usage billed, minimum billed], final lines only,
+    adjustments of earlier runs included (a minimum adjustment is an adjustment line without a meter)."""
+    out: dict[tuple, list[Decimal]] = {}
+    for plan, start, end, is_minimum, amount in conn.execute(
+        "SELECT l.plan, l.service_period_start, l.service_period_end,"
+        " l.type = 'minimum' OR (l.type = 'adjustment' AND l.meter IS NULL), sum(l.amount)"
+        " FROM invoice_lines l JOIN invoices i ON i.id = l.invoice_id"
+        " WHERE i.customer_id = %s AND i.status = 'final'"
+        " AND ((i.period = %s AND l.type <> 'adjustment') OR (l.type = 'adjustment' AND l.adjusts_period = %s))"
+        " GROUP BY 1, 2, 3, 4",
+        (customer, period, period),
+    ):
+        out.setdefault((plan, start, end), [Decimal(0), Decimal(0)])[1 if is_minimum else 0] += amount
+    return out
+
+
+def _charge_adjustments(
+    conn: psycopg.Connection, catalog: Catalog, customer: str, period: str, billed: dict[tuple, list[Any]],
+    plan: Plan, meter: str, start: datetime, end: datetime,
+) -> list[Line]:  # fmt: skip
+    """Per group of one charge: price(usage now) - price(usage billed so far), where it is not zero."""
+    charge = plan.charge(meter)
     meters = {m.slug: m for m in catalog.meters}
+    if charge is None or meter not in meters:
+        return []  # the charge is gone from the catalog: nothing left to price it with
+    now_rows = {
+        _group_key(g): (g, q, e)
+        for g, q, e in charge_usage(conn, meters[meter], charge, customer, start, end)
+    }
+    keys = sorted(
+        {k[2] for k in billed if k[:2] == (plan.key, meter) and k[3:] == (start, end)} | set(now_rows)
+    )
+    lines = []
+    for gk in keys:
+        old_q, old_e, old_g = billed.get((plan.key, meter, gk, start, end), [Decimal(0), 0, None])
+        group, new_q, new_e = now_rows.get(gk, (old_g, Decimal(0), 0))
+        line = adjustment_lines(
+            plan, charge, Decimal(old_q), int(old_e), new_q, new_e, period,
+            group=group or None, service_period_start=start, service_period_end=end,
+        )  # fmt: skip
+        if line is not None:
+            lines.append(line)
+    return lines
+
+
+def _minimum_adjustment(
+    plan: Plan, period: str, start: datetime, end: datetime, billed: list[Decimal], new: list[Line]
+) -> Line | None:
+    """The change of a segment's minimum-commitment line once late usage is added: the shortfall
+    recomputed on the adjusted lines, less the minimum billed so far (so late usage that the minimum
+    already paid for costs nothing more)."""
+    if plan.minimum is None:
+        return None
+    period_start, period_end = period_bounds(period)
+    committed = prorate(plan.minimum, start, end, period_start, period_end)
+    lines_now = billed[0] + sum((line.amount for line in new), Decimal(0))
+    shortfall = round_money(max(Decimal(0), committed - lines_now), plan.currency)
+    delta = shortfall - billed[1]
+    if not delta:
+        return None
+    return Line(
+        type="adjustment",
+        plan=plan.key,
+        meter=None,
+        group=None,
+        description=(
+            f"Adjustment for {period}: {plan.name} minimum commitment {round_money(committed, plan.currency)} "
+            f"less {lines_now} now billed = shortfall {shortfall}; {billed[1]} was billed for it"
+        ),
+        quantity=None,
+        amount=delta,
+        precise_amount=delta,
+        service_period_start=start,
+        service_period_end=end,
+        adjusts_period=period,
+    )
+
+
+def _adjustments_for(conn: psycopg.Connection, catalog: Catalog, customer: str, period: str) -> list[Line]:
+    """Adjustment lines for late usage of the final ``period`` of ``customer``: per charge and group,
+    then per subscription segment the change of its minimum-commitment line."""
+    billed = _billed_so_far(conn, customer, period)
+    amounts = _segment_amounts(conn, customer, period)
     lines: list[Line] = []
-    services = sorted({(k[0], k[1], k[3], k[4]) for k in billed}, key=lambda s: (s[2], s[0], s[1]))
-    for plan_key, meter, start, end in services:
+    for plan_key, start, end in sorted(amounts, key=lambda k: (k[1], k[0])):
         plan = catalog.plans.get(plan_key)
-        charge = plan.charge(meter) if plan and meter else None
-        if plan is None or charge is None or meter not in meters:
-            continue  # the plan or charge is gone from the catalog: nothing left to price it with
-        now_rows = {
-            _group_key(g): (g, q, e)
-            for g, q, e in charge_usage(conn, meters[meter], charge, customer, start, end)
-        }
-        keys = sorted(
-            {k[2] for k in billed if k[:2] == (plan_key, meter) and k[3:] == (start, end)} | set(now_rows)
-        )
-        for gk in keys:
-            old_q, old_e, old_g = billed.get((plan_key, meter, gk, start, end), [Decimal(0), 0, None])
-            group, new_q, new_e = now_rows.get(gk, (old_g, Decimal(0), 0))
-            if group is None and not charge.group_by and gk == "":
-                group = None
-            line = adjustment_lines(
-                plan, charge, Decimal(old_q), int(old_e), new_q, new_e, period,
-                group=group or None, service_period_start=start, service_period_end=end,
-            )  # fmt: skip
-            if line is not None:
-                lines.append(line)
+        if plan is None:
+            continue  # the plan is gone from the catalog: nothing left to price it with
+        meters = sorted({k[1] for k in billed if k[0] == plan_key and k[3:] == (start, end)})
+        new = [
+            line
+            for m in meters
+            for line in _charge_adjustments(conn, catalog, customer, period, billed, plan, m, start, end)
+        ]
+        minimum = _minimum_adjustment(plan, period, start, end, amounts[(plan_key, start, end)], new)
+        lines += new + ([minimum] if minimum else [])
     return lines
 
 

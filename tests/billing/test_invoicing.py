@@ -109,6 +109,34 @@ def test_a_late_event_after_finalization_is_one_adjustment_on_the_next_draft(
     assert [line for line in may["lines"] if line["type"] == "adjustment"] == []
 
 
+def test_late_usage_the_minimum_already_paid_for_costs_nothing_more(march, nats_server, database_url):
+    invoicing.bill_period(database_url, march, MARCH, finalize=True, now=AFTER_GRACE)
+    # b's basic part of March billed 6.34 of lines and a minimum line of 3.34 (9.677.. prorated minimum).
+    # 10 late api calls: graduated q 1 -> 11 is 1.50 -> 3.40 (+1.90); the lines now come to 8.24, the
+    # shortfall to 1.44 (9.677.. - 8.24), so the minimum line goes 3.34 -> 1.44 (-1.90): nothing to pay.
+    send(
+        nats_server,
+        database_url,
+        march,
+        [api_call(f"b-late{i}", "b", ts=ts(5), bytes_transferred=0) for i in range(10)],
+    )
+    invoicing.bill_period(database_url, march, "2026-04", now=datetime(2026, 4, 20, tzinfo=UTC))
+    lines = [x for x in invoices(database_url, "2026-04")["b"]["lines"] if x["type"] == "adjustment"]
+    assert [(x["meter"], x["amount"]) for x in lines] == [("api_calls", "1.90"), (None, "-1.90")]
+    # 40 more: q 51 is 2.50 + 49 x 0.10 = 7.40 (+5.90 on what was billed); 12.24 of lines exceed the
+    # minimum, whose 3.34 is given back: +2.56 in all, the same as billing March again from scratch.
+    send(
+        nats_server,
+        database_url,
+        march,
+        [api_call(f"b-late{i}", "b", ts=ts(6), bytes_transferred=0) for i in range(10, 50)],
+    )
+    invoicing.bill_period(database_url, march, "2026-04", now=datetime(2026, 4, 20, tzinfo=UTC))
+    lines = [x for x in invoices(database_url, "2026-04")["b"]["lines"] if x["type"] == "adjustment"]
+    assert [(x["meter"], x["amount"]) for x in lines] == [("api_calls", "5.90"), (None, "-3.34")]
+    assert all(x["adjusts_period"] == MARCH and x["plan"] == "basic" for x in lines)
+
+
 def test_two_billing_runs_of_one_period_cannot_both_write(march, database_url):
     with db.connect(database_url) as holder, holder.transaction():
         invoicing._lock(holder, MARCH)  # a run of March that is writing

@@ -3,7 +3,9 @@ run is in the UI's run list and on the assets' partitions like one launched ther
 
 from __future__ import annotations
 
-from dagster import DagsterInstance, DagsterRunStatus
+import warnings
+
+from dagster import BetaWarning, DagsterInstance, DagsterRunStatus, PreviewWarning
 
 
 def run_billing_job(
@@ -11,13 +13,20 @@ def run_billing_job(
 ) -> tuple[bool, str, str]:
     """Run ``billing_job`` for ``period`` in this process against ``instance`` (default: DAGSTER_HOME's);
     returns (success, run id, the error when it failed)."""
+    # The terminal wants the outcome, not Dagster's notices about its own preview APIs or step-by-step
+    # DEBUG lines (the run's full log is in the UI).
+    warnings.filterwarnings("ignore", category=BetaWarning)
+    warnings.filterwarnings("ignore", category=PreviewWarning)
     from meter_platform.definitions import defs
 
     instance = instance or DagsterInstance.get()
     result = defs.resolve_job_def("billing_job").execute_in_process(
         instance=instance,
         partition_key=period,
-        run_config={"ops": {"billing_period": {"config": {"finalize": finalize}}}},
+        run_config={
+            "ops": {"billing_period": {"config": {"finalize": finalize}}},
+            "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+        },
         tags={"meter/launched_by": "meter bill"},
         raise_on_error=False,
     )
