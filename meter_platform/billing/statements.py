@@ -162,8 +162,6 @@ def invoice_html(inv: dict[str, Any], customer: dict[str, Any] | None) -> str:
     rows = []
     for line in inv["lines"]:
         what = e(line["description"]) + _tier_items(line)
-        if line["adjusts_period"]:
-            what = f"<strong>Adjustment for {e(line['adjusts_period'])}</strong><br>" + what
         period = f"{line['service_period_start'][:10]} &ndash; {line['service_period_end'][:10]}"
         rows.append(
             f"<tr><td>{e(line['type'].replace('_', ' '))}</td><td>{what}<div class='muted'>{period}</div></td>"
