@@ -19,6 +19,7 @@ import msgspec
 
 from meter_platform.capture.envelope import (
     MAX_FUTURE_SKEW,
+    Event,
     convert_event,
     datetime_to_us,
     decode_any,
@@ -76,20 +77,36 @@ class EventRows:
     metadata: list[dict[str, Any]] = field(default_factory=list)
     seqs: list[int] = field(default_factory=list)
 
+    def append(self, event: Event, event_id: str, ts: datetime | str, received: datetime, seq: int) -> None:
+        """Add one event whose envelope was checked."""
+        self.ids.append(event_id)
+        self.event_types.append(event.event_type)
+        self.customer_ids.append(event.customer_id)
+        self.timestamps.append(ts)
+        self.received.append(received)
+        self.properties.append(event.properties)
+        self.metadata.append(event.metadata)
+        self.seqs.append(seq)
 
-@dataclass
+
+@dataclass(kw_only=True)
 class Rejected:
     """An event (or an unreadable message) that failed a check, with the reasons."""
 
     event_id: str | None
     event_type: str | None
     customer_id: str | None
-    ts: datetime | str | None
     received: datetime
-    payload: Any
-    payload_text: str | None
     reasons: list[Failure]
     seq: int
+    ts: datetime | str | None = None
+    payload: Any = None  # the item as received (None: the message was not JSON)
+    payload_text: str | None = None  # the raw message, when it was not JSON
+
+
+def _text_field(item: Any, name: str) -> str | None:
+    value = item.get(name) if isinstance(item, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def decode_item(
@@ -104,80 +121,49 @@ def decode_item(
     """
     event, error = convert_event(item)
     if event is None or error is not None:
-        raw_id = item.get("id") if isinstance(item, dict) else None
+        raw_id = _text_field(item, "id")
+        failure = Failure(
+            error.field if error else "", "invalid_envelope", error.message if error else "invalid"
+        )
         bad.append(
             Rejected(
-                raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= 128 else None,
-                item.get("event_type")
-                if isinstance(item, dict) and isinstance(item.get("event_type"), str)
-                else None,
-                item.get("customer_id")
-                if isinstance(item, dict) and isinstance(item.get("customer_id"), str)
-                else None,
-                None,
-                received,
-                item,
-                None,
-                [
-                    Failure(
-                        error.field if error else "",
-                        "invalid_envelope",
-                        error.message if error else "invalid",
-                    )
-                ],
-                seq,
+                event_id=raw_id if raw_id and len(raw_id) <= 128 else None,
+                event_type=_text_field(item, "event_type"),
+                customer_id=_text_field(item, "customer_id"),
+                received=received,
+                payload=item,
+                reasons=[failure],
+                seq=seq,
             )
         )
         return False
     event_id = event.id or fallback
+
+    def reject(failure: Failure, ts: datetime | None = None) -> bool:
+        bad.append(
+            Rejected(
+                event_id=event_id,
+                event_type=event.event_type,
+                customer_id=event.customer_id,
+                ts=ts,
+                received=received,
+                payload=item,
+                reasons=[failure],
+                seq=seq,
+            )
+        )
+        return False
+
     ts = received
     if event.timestamp is not None:
         try:
             ts = parse_timestamp(event.timestamp)
         except ValueError as exc:  # RFC 3339 in form but not a date (month 13, year 0): as the gateway says
-            bad.append(
-                Rejected(
-                    event_id,
-                    event.event_type,
-                    event.customer_id,
-                    None,
-                    received,
-                    item,
-                    None,
-                    [Failure("timestamp", "invalid_envelope", str(exc))],
-                    seq,
-                )
-            )
-            return False
+            return reject(Failure("timestamp", "invalid_envelope", str(exc)))
         if ts > received + MAX_FUTURE_SKEW:
-            bad.append(
-                Rejected(
-                    event_id,
-                    event.event_type,
-                    event.customer_id,
-                    ts,
-                    received,
-                    item,
-                    None,
-                    [
-                        Failure(
-                            "timestamp",
-                            "future_timestamp",
-                            "is more than 5 minutes ahead of the time JetStream stored it",
-                        )
-                    ],
-                    seq,
-                )
-            )
-            return False
-    rows.ids.append(event_id)
-    rows.event_types.append(event.event_type)
-    rows.customer_ids.append(event.customer_id)
-    rows.timestamps.append(ts)
-    rows.received.append(received)
-    rows.properties.append(event.properties)
-    rows.metadata.append(event.metadata)
-    rows.seqs.append(seq)
+            ahead = "is more than 5 minutes ahead of the time JetStream stored it"
+            return reject(Failure("timestamp", "future_timestamp", ahead), ts)
+    rows.append(event, event_id, ts, received, seq)
     return True
 
 
@@ -191,14 +177,7 @@ def decode_message(
         received = us_to_datetime(batch.received_at)
         for ev in batch.events:
             assert ev.id is not None and ev.timestamp is not None  # the gateway fills both in
-            rows.ids.append(ev.id)
-            rows.event_types.append(ev.event_type)
-            rows.customer_ids.append(ev.customer_id)
-            rows.timestamps.append(ev.timestamp)
-            rows.received.append(received)
-            rows.properties.append(ev.properties)
-            rows.metadata.append(ev.metadata)
-            rows.seqs.append(msg.seq)
+            rows.append(ev, ev.id, ev.timestamp, received, msg.seq)
         per_msg_events[msg.seq] = len(batch.events)
         return
 
@@ -208,15 +187,13 @@ def decode_message(
     except msgspec.DecodeError as exc:
         bad.append(
             Rejected(
-                None,
-                None,
-                None,
-                None,
-                received,
-                None,
-                msg.data.decode("utf-8", "replace"),
-                [Failure("", "not_json", f"the message is not valid JSON ({exc})")],
-                msg.seq,
+                event_id=None,
+                event_type=None,
+                customer_id=None,
+                received=received,
+                payload_text=msg.data.decode("utf-8", "replace"),
+                reasons=[Failure("", "not_json", f"the message is not valid JSON ({exc})")],
+                seq=msg.seq,
             )
         )
         per_msg_events[msg.seq] = 1

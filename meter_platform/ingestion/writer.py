@@ -207,12 +207,12 @@ class MicroBatchWriter:
         for i, failures in failed.items():
             bad.append(
                 Rejected(
-                    rows.ids[i],
-                    rows.event_types[i],
-                    rows.customer_ids[i],
-                    rows.timestamps[i],
-                    rows.received[i],
-                    {
+                    event_id=rows.ids[i],
+                    event_type=rows.event_types[i],
+                    customer_id=rows.customer_ids[i],
+                    ts=rows.timestamps[i],
+                    received=rows.received[i],
+                    payload={
                         "id": rows.ids[i],
                         "event_type": rows.event_types[i],
                         "customer_id": rows.customer_ids[i],
@@ -220,9 +220,8 @@ class MicroBatchWriter:
                         "properties": rows.properties[i],
                         "metadata": rows.metadata[i],
                     },
-                    None,
-                    failures,
-                    rows.seqs[i],
+                    reasons=failures,
+                    seq=rows.seqs[i],
                 )
             )
         return _take(rows, [i for i in range(len(rows.ids)) if i not in failed]) if failed else rows
