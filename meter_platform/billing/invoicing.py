@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -34,7 +33,7 @@ import psycopg
 from meter_platform.billing.customers import subscriptions_in
 from meter_platform.billing.invoice import Line, adjustment_lines, build_lines, totals
 from meter_platform.billing.money import round_money
-from meter_platform.billing.periods import Segment, period_bounds, prorate, segments
+from meter_platform.billing.periods import Segment, Subscription, period_bounds, prorate, segments
 from meter_platform.billing.usage import UsageRows, charge_usage
 from meter_platform.catalog import Catalog
 from meter_platform.catalog.plans import Charge, Plan
@@ -84,11 +83,13 @@ def _plan(catalog: Catalog, key: str) -> Plan:
     return plan
 
 
-def _usage_lines(conn: psycopg.Connection, catalog: Catalog, customer: str, period: str) -> list[Line]:
+def _usage_lines(
+    conn: psycopg.Connection, catalog: Catalog, customer: str, period: str, subs: list[Subscription]
+) -> list[Line]:
     start, end = period_bounds(period)
     lines: list[Line] = []
     meters = {m.slug: m for m in catalog.meters}
-    for seg in segments(subscriptions_in(conn, start, end).get(customer, []), start, end):
+    for seg in segments(subs, start, end):
         plan = _plan(catalog, seg.plan)
 
         def usage(charge: Charge, seg: Segment = seg) -> UsageRows:
@@ -260,13 +261,8 @@ def _write_draft(
     return inv
 
 
-def _currency(
-    catalog: Catalog, customer: str, lines: Iterable[Line], conn: psycopg.Connection, period: str
-) -> str:
-    start, end = period_bounds(period)
-    currencies = {
-        _plan(catalog, s.plan).currency for s in subscriptions_in(conn, start, end).get(customer, [])
-    }
+def _currency(catalog: Catalog, customer: str, period: str, subs: list[Subscription]) -> str:
+    currencies = {_plan(catalog, sub.plan).currency for sub in subs}
     if len(currencies) != 1:
         raise InvalidRequest(
             f"{customer}'s plans in {period} bill in {sorted(currencies)}; one currency per invoice"
@@ -301,12 +297,12 @@ def check_finalizable(conn: psycopg.Connection, period: str, now: datetime, grac
 
 
 def _bill_customer(
-    conn: psycopg.Connection, catalog: Catalog, customer: str, period: str
+    conn: psycopg.Connection, catalog: Catalog, customer: str, period: str, subs: list[Subscription]
 ) -> tuple[str, list[Line]]:
-    lines = _usage_lines(conn, catalog, customer, period)
+    lines = _usage_lines(conn, catalog, customer, period, subs)
     for late in _late_periods(conn, customer, period):
         lines += _adjustments_for(conn, catalog, customer, late)
-    return _currency(catalog, customer, lines, conn, period), lines
+    return _currency(catalog, customer, period, subs), lines
 
 
 def bill_period(
@@ -328,7 +324,8 @@ def bill_period(
         _lock(conn, period)
         if finalize:
             check_finalizable(conn, period, now, grace)
-        subscribed = sorted(subscriptions_in(conn, start, end))
+        subs = subscriptions_in(conn, start, end)
+        subscribed = sorted(subs)
         status: dict[str, str] = dict(
             conn.execute("SELECT customer_id, status FROM invoices WHERE period = %s", (period,)).fetchall()
         )
@@ -336,7 +333,7 @@ def bill_period(
             if status.get(customer) == "final":
                 report.already_final += 1
                 continue
-            currency, lines = _bill_customer(conn, catalog, customer, period)
+            currency, lines = _bill_customer(conn, catalog, customer, period, subs[customer])
             _write_draft(conn, customer, period, currency, lines)
             report.drafts += 1
         gone = [c for c, s in status.items() if s == "draft" and c not in subscribed]
