@@ -2,6 +2,9 @@
 
 Order of start: NATS and PostgreSQL (embedded unless ``METER_NATS_URL`` / ``METER_DATABASE_URL`` say
 otherwise) → migrations, stream and consumer → gateway → Dagster webserver and daemon.
+
+Then it supervises them (:mod:`meter_platform.runtime.supervisor`): a process that dies is started
+again, on the same port and data directory, with backoff, while the others keep serving.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from meter_platform.runtime.servers import (
     start_postgres,
     wait_for_port,
 )
+from meter_platform.runtime.supervisor import Supervisor
 from meter_platform.storage import db
 
 RUNTIME_FILE = "runtime.json"
@@ -63,26 +66,35 @@ def _say(message: str) -> None:
 
 @dataclass
 class Platform:
-    """The processes ``meter up`` started, stopped in reverse order."""
+    """The processes ``meter up`` started and supervises, stopped in reverse order."""
 
     settings: Settings
-    servers: list[Server] = field(default_factory=list)
+    supervisor: Supervisor = field(default_factory=lambda: Supervisor(_say))
 
-    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> Server:
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str], port: int | None = None) -> Server:
+        """Start ``cmd`` as a supervised child; with ``port``, a (re)start waits until it listens."""
         log = self.settings.data_dir / "logs" / f"{name}.log"
-        proc = spawn(cmd, log, env=env)
-        server = Server(name, proc, "", log, whole_group=True)
-        self.servers.append(server)
-        return server
+
+        def start() -> Server:
+            server = Server(name, spawn(cmd, log, env=env), "", log, whole_group=True)
+            if port is not None:
+                try:
+                    wait_for_port(self.settings.gateway_host, port, server.process, name, log)
+                except Exception:
+                    server.stop()
+                    raise
+            return server
+
+        return self.supervisor.add(name, start)
 
     def stop(self) -> None:
         """Stop everything started, newest first (Dagster and gateway before the servers they use)."""
-        for server in reversed(self.servers):
-            if server.process.poll() is None:
-                _say(f"stopping {server.name}")
-            server.stop()
-        self.servers.clear()
+        self.supervisor.stop()
         (self.settings.data_dir / RUNTIME_FILE).unlink(missing_ok=True)
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
 
 
 def _check_ports(settings: Settings) -> None:
@@ -117,14 +129,20 @@ def up() -> int:
         nats_url = settings.nats_url
         if nats_url is None:
             _say("starting NATS with JetStream (file store in .meter/nats, fsync before every ack)")
-            nats = start_nats(settings.data_dir / "nats")
-            platform.servers.append(nats)
+            nats_dir = settings.data_dir / "nats"
+            nats = start_nats(nats_dir)
+            nats_port = _port(nats.url)
+            platform.supervisor.add("nats", lambda: start_nats(nats_dir, port=nats_port), server=nats)
             nats_url = nats.url
         database_url = settings.database_url
         if database_url is None:
             _say("starting PostgreSQL (data in .meter/pg)")
-            pg = start_postgres(settings.data_dir / "pg", databases=("meter", "dagster"))
-            platform.servers.append(pg)
+            pg_dir, databases = settings.data_dir / "pg", ("meter", "dagster")
+            pg = start_postgres(pg_dir, databases=databases)
+            pg_port = _port(pg.url)
+            platform.supervisor.add(
+                "postgres", lambda: start_postgres(pg_dir, port=pg_port, databases=databases), server=pg
+            )
             database_url = pg.url
         dagster_db = dagster_database_url(database_url)
         for url in (database_url, dagster_db):
@@ -166,8 +184,11 @@ def up() -> int:
             METER_CATALOG_DIR=str(settings.catalog_dir.resolve()),
             DAGSTER_HOME=str(dagster_home()),
         )
-        gateway = platform._spawn(
-            "gateway", gateway_command(settings.gateway_host, settings.gateway_port), env
+        platform._spawn(
+            "gateway",
+            gateway_command(settings.gateway_host, settings.gateway_port),
+            env,
+            port=settings.gateway_port,
         )
         workspace = str(dagster_home().parent / "workspace.yaml")
         platform._spawn(
@@ -176,7 +197,6 @@ def up() -> int:
             env,
         )
         platform._spawn("dagster-daemon", dagster_daemon_command(workspace), env)
-        wait_for_port(settings.gateway_host, settings.gateway_port, gateway.process, "gateway", gateway.log)
         gateway_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
         dagster_url = f"http://{settings.gateway_host}:{settings.dagster_port}"
         (settings.data_dir / RUNTIME_FILE).write_text(
@@ -198,12 +218,8 @@ def up() -> int:
         _say(
             f"logs in {settings.data_dir / 'logs'}; try `meter demo --events 100000`; Ctrl-C stops everything"
         )
-        while True:
-            for server in platform.servers:
-                if server.process.poll() is not None:
-                    _say(f"{server.name} exited with code {server.process.returncode}; see {server.log}")
-                    return 1
-            time.sleep(1)
+        platform.supervisor.run()
+        return 0  # run() returns only through Ctrl-C or SIGTERM
     except KeyboardInterrupt:
         _say("shutting down")
         return 0
