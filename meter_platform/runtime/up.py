@@ -171,7 +171,8 @@ def up() -> int:
         async def prepare_stream() -> None:
             nc = await jetstream.connect(nats_url, name="meter-up")
             try:
-                await jetstream.ensure_stream_and_consumer(nc.jetstream())
+                # METER_STREAM_MAX_MSGS / _BYTES changed since the last start take effect now.
+                await jetstream.ensure_stream_and_consumer(nc.jetstream(), apply_limits=True)
             finally:
                 await nc.close()
 
