@@ -143,28 +143,18 @@ def _deliver_locked(
                 continue
             tries, error = _send(client, channel, payload, quick_tries, quick_backoff)
             if error is None:
-                conn.execute(
-                    "UPDATE alert_deliveries SET delivered_at = now(), attempts = attempts + %s,"
-                    " last_error = NULL WHERE delivery_id = %s",
-                    (tries, delivery_id),
-                )
+                _mark_delivered(conn, delivery_id, tries)
                 sent[kind] += 1
                 continue
-            total = attempts + tries
-            failed_passes = max(1, -(-total // quick_tries))
-            delay = min(retry_backoff_cap, retry_backoff * 2 ** (failed_passes - 1))
-            conn.execute(
-                "UPDATE alert_deliveries SET attempts = %s, last_error = %s,"
-                " next_attempt_at = now() + make_interval(secs => %s) WHERE delivery_id = %s",
-                (total, error, delay, delivery_id),
-            )
-            logger.warning(
-                "alert delivery %s to %s failed after %d attempt(s), next try in %.0f s: %s",
+            _mark_failed(
+                conn,
                 delivery_id,
                 channel_name,
-                total,
-                delay,
+                attempts + tries,
                 error,
+                quick_tries=quick_tries,
+                retry_backoff=retry_backoff,
+                retry_backoff_cap=retry_backoff_cap,
             )
             failed += 1
             blocked.add(channel_name)
@@ -175,6 +165,44 @@ def _deliver_locked(
         failed=failed,
         pending=_pending(conn),
         problems=tuple(problems),
+    )
+
+
+def _mark_delivered(conn: psycopg.Connection, delivery_id: Any, tries: int) -> None:
+    conn.execute(
+        "UPDATE alert_deliveries SET delivered_at = now(), attempts = attempts + %s,"
+        " last_error = NULL WHERE delivery_id = %s",
+        (tries, delivery_id),
+    )
+
+
+def _mark_failed(
+    conn: psycopg.Connection,
+    delivery_id: Any,
+    channel_name: str,
+    total: int,
+    error: str,
+    *,
+    quick_tries: int,
+    retry_backoff: float,
+    retry_backoff_cap: float,
+) -> None:
+    """Record a notice whose tries in this pass all failed (``total`` tries so far) and when the next
+    pass may try again: ``retry_backoff`` doubling per failed pass, up to ``retry_backoff_cap``."""
+    failed_passes = max(1, -(-total // quick_tries))
+    delay = min(retry_backoff_cap, retry_backoff * 2 ** (failed_passes - 1))
+    conn.execute(
+        "UPDATE alert_deliveries SET attempts = %s, last_error = %s,"
+        " next_attempt_at = now() + make_interval(secs => %s) WHERE delivery_id = %s",
+        (total, error, delay, delivery_id),
+    )
+    logger.warning(
+        "alert delivery %s to %s failed after %d attempt(s), next try in %.0f s: %s",
+        delivery_id,
+        channel_name,
+        total,
+        delay,
+        error,
     )
 
 

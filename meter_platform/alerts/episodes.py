@@ -51,54 +51,71 @@ def evaluate(
             ).fetchone()
             if not outcome.passed:
                 if episode is None:
-                    episode = conn.execute(
-                        "INSERT INTO alert_episodes (asset, check_name, severity, last_description, last_metadata)"
-                        " VALUES (%s, %s, %s, %s, %s::jsonb)"
-                        " ON CONFLICT (asset, check_name) WHERE closed_at IS NULL DO NOTHING"
-                        " RETURNING episode_id, severity",
-                        (
-                            outcome.asset,
-                            outcome.check_name,
-                            outcome.severity,
-                            outcome.description,
-                            json_text(outcome.metadata),
-                        ),
-                    ).fetchone()
+                    episode = _open_episode(conn, outcome)
                     if episode is None:  # another evaluation opened it a moment ago, with its alerts
                         continue
                     opened += 1
                 else:
-                    worst = max(episode[1], outcome.severity, key=SEVERITIES.index)
-                    conn.execute(
-                        "UPDATE alert_episodes SET severity = %(sev)s, last_description = %(desc)s,"
-                        " last_metadata = %(meta)s::jsonb WHERE episode_id = %(id)s"
-                        " AND (severity, last_description, last_metadata)"
-                        " IS DISTINCT FROM (%(sev)s, %(desc)s, %(meta)s::jsonb)",
-                        {
-                            "sev": worst,
-                            "desc": outcome.description,
-                            "meta": json_text(outcome.metadata),
-                            "id": episode[0],
-                        },
-                    )
-                    episode = (episode[0], worst)
+                    episode = _update_episode(conn, episode, outcome)
                 targets = [c for c in channels if c.accepts(episode[1])]
                 enqueued += _enqueue(conn, episode[0], "alert", targets, outcome)
             elif episode is not None:
-                conn.execute(
-                    "UPDATE alert_episodes SET closed_at = now() WHERE episode_id = %s", (episode[0],)
-                )
-                alerted = {
-                    row[0]
-                    for row in conn.execute(
-                        "SELECT channel FROM alert_deliveries WHERE episode_id = %s AND kind = 'alert'",
-                        (episode[0],),
-                    )
-                }
-                targets = [c for c in channels if c.name in alerted]
-                enqueued += _enqueue(conn, episode[0], "recovery", targets, outcome)
+                enqueued += _close_episode(conn, episode[0], outcome, channels)
                 closed += 1
     return Evaluation(opened=opened, closed=closed, enqueued=enqueued)
+
+
+def _open_episode(conn: psycopg.Connection, outcome: CheckOutcome) -> tuple[Any, ...] | None:
+    """A new open episode's ``(episode_id, severity)``; None if another evaluation opened one first."""
+    return conn.execute(
+        "INSERT INTO alert_episodes (asset, check_name, severity, last_description, last_metadata)"
+        " VALUES (%s, %s, %s, %s, %s::jsonb)"
+        " ON CONFLICT (asset, check_name) WHERE closed_at IS NULL DO NOTHING"
+        " RETURNING episode_id, severity",
+        (
+            outcome.asset,
+            outcome.check_name,
+            outcome.severity,
+            outcome.description,
+            json_text(outcome.metadata),
+        ),
+    ).fetchone()
+
+
+def _update_episode(
+    conn: psycopg.Connection, episode: tuple[Any, ...], outcome: CheckOutcome
+) -> tuple[Any, ...]:
+    """An open episode failing again: its worst severity and latest description; ``(id, worst)``."""
+    worst = max(episode[1], outcome.severity, key=SEVERITIES.index)
+    conn.execute(
+        "UPDATE alert_episodes SET severity = %(sev)s, last_description = %(desc)s,"
+        " last_metadata = %(meta)s::jsonb WHERE episode_id = %(id)s"
+        " AND (severity, last_description, last_metadata)"
+        " IS DISTINCT FROM (%(sev)s, %(desc)s, %(meta)s::jsonb)",
+        {
+            "sev": worst,
+            "desc": outcome.description,
+            "meta": json_text(outcome.metadata),
+            "id": episode[0],
+        },
+    )
+    return (episode[0], worst)
+
+
+def _close_episode(
+    conn: psycopg.Connection, episode_id: int, outcome: CheckOutcome, channels: Sequence[AlertChannel]
+) -> int:
+    """Close a passing check's episode; a ``recovery`` for each channel that was alerted (how many)."""
+    conn.execute("UPDATE alert_episodes SET closed_at = now() WHERE episode_id = %s", (episode_id,))
+    alerted = {
+        row[0]
+        for row in conn.execute(
+            "SELECT channel FROM alert_deliveries WHERE episode_id = %s AND kind = 'alert'",
+            (episode_id,),
+        )
+    }
+    targets = [c for c in channels if c.name in alerted]
+    return _enqueue(conn, episode_id, "recovery", targets, outcome)
 
 
 def _enqueue(

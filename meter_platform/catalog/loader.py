@@ -188,6 +188,26 @@ def _parse_meter(
         errors.append(f"{where}: aggregation {aggregation!r} is not one of {', '.join(AGGREGATIONS)}.")
     value_property = raw.get("value_property")
     declared = {p.name: p for p in event_types[event_type].properties} if event_type in event_types else {}
+    _check_value_property(where, aggregation, value_property, declared, errors)
+    group_by = _parse_meter_group_by(where, raw.get("group_by") or [], errors)
+    filt = _parse_meter_filter(where, raw.get("filter") or {}, errors)
+    if len(errors) > before:
+        return None
+    assert isinstance(slug, str) and isinstance(event_type, str) and isinstance(aggregation, str)
+    return Meter(
+        slug=slug,
+        event_type=event_type,
+        aggregation=aggregation,
+        value_property=value_property,
+        group_by=tuple(group_by),
+        filter=filt,
+    )
+
+
+def _check_value_property(
+    where: str, aggregation: Any, value_property: Any, declared: dict[str, PropertySpec], errors: list[str]
+) -> None:
+    """Numeric and unique_count aggregations need a property path (numeric if declared); count none."""
     if aggregation in NUMERIC_AGGREGATIONS or aggregation == "unique_count":
         if not value_property:
             errors.append(
@@ -206,7 +226,10 @@ def _parse_meter(
             )
     elif value_property is not None:
         errors.append(f"{where}: a count meter takes no value_property (remove it, or use aggregation: sum).")
-    group_by = raw.get("group_by") or []
+
+
+def _parse_meter_group_by(where: str, group_by: Any, errors: list[str]) -> list[str]:
+    """A meter's ``group_by``: distinct property paths, without ``customer_id`` (always a dimension)."""
     if not isinstance(group_by, list) or not all(isinstance(g, str) for g in group_by):
         errors.append(f"{where}: group_by must be a list of property paths.")
         group_by = []
@@ -217,30 +240,24 @@ def _parse_meter(
             errors.append(f"{where}: customer_id is a dimension of every meter; remove it from group_by.")
     if len(set(group_by)) != len(group_by):
         errors.append(f"{where}: group_by names a dimension twice.")
-    filt_raw = raw.get("filter") or {}
+    return group_by
+
+
+def _parse_meter_filter(where: str, filt_raw: Any, errors: list[str]) -> dict[str, tuple[Any, ...]]:
+    """A meter's ``filter``: property path to the scalar values it accepts."""
     filt: dict[str, tuple[Any, ...]] = {}
     if not isinstance(filt_raw, dict):
         errors.append(f"{where}: filter must map property paths to a value or a list of values.")
-    else:
-        for key, val in filt_raw.items():
-            if not isinstance(key, str) or not _PATH.match(key):
-                errors.append(f"{where}: filter key {key!r} is not a property path.")
-                continue
-            values = tuple(val) if isinstance(val, list) else (val,)
-            if not values or not all(isinstance(v, str | int | float | bool) for v in values):
-                errors.append(f"{where}: filter {key!r} must be a scalar or a non-empty list of scalars.")
-            filt[key] = values
-    if len(errors) > before:
-        return None
-    assert isinstance(slug, str) and isinstance(event_type, str) and isinstance(aggregation, str)
-    return Meter(
-        slug=slug,
-        event_type=event_type,
-        aggregation=aggregation,
-        value_property=value_property,
-        group_by=tuple(group_by),
-        filter=filt,
-    )
+        return filt
+    for key, val in filt_raw.items():
+        if not isinstance(key, str) or not _PATH.match(key):
+            errors.append(f"{where}: filter key {key!r} is not a property path.")
+            continue
+        values = tuple(val) if isinstance(val, list) else (val,)
+        if not values or not all(isinstance(v, str | int | float | bool) for v in values):
+            errors.append(f"{where}: filter {key!r} must be a scalar or a non-empty list of scalars.")
+        filt[key] = values
+    return filt
 
 
 def load_catalog(catalog_dir: Path) -> Catalog:

@@ -3,21 +3,26 @@
 Loaded and checked once, like the meter catalog: every mistake in the file is collected and reported in
 one :class:`PlanError`, each with its place and what to do, so a user fixes the file in one pass.
 Prices are read as decimal strings or integers; a YAML float is refused because ``0.1`` as a float is
-not 0.1, and an invoice must add up to the cent.
+not 0.1, and an invoice must add up to the cent. The tiers of graduated and volume charges are
+parsed in :mod:`.plan_tiers`, the values in :mod:`.plan_values`; ``Tier`` and ``TIER_KEYS`` are
+exported from here too.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
 
-from meter_platform.billing.money import MINOR_UNITS, decimal_str, is_rounded, parse_decimal
+from meter_platform.billing.money import MINOR_UNITS, is_rounded
+from meter_platform.catalog.plan_tiers import TIER_KEYS as TIER_KEYS
+from meter_platform.catalog.plan_tiers import Tier, _parse_tiers
+from meter_platform.catalog.plan_values import _ZERO, _as_json, _AsJson, _check_keys, _number
 
 MODELS = ("per_unit", "graduated", "volume", "package", "percentage")
 #: Keys every charge may have, whatever its model.
@@ -33,10 +38,8 @@ MODEL_KEYS: dict[str, tuple[str, ...]] = {
 ALL_MODEL_KEYS = tuple(dict.fromkeys(k for keys in MODEL_KEYS.values() for k in keys))
 REQUIRED_KEYS: dict[str, tuple[str, ...]] = {**MODEL_KEYS, "percentage": ("rate",)}
 PLAN_KEYS = ("key", "name", "currency", "base_fee", "minimum", "thresholds", "charges")
-TIER_KEYS = ("up_to", "unit_price", "flat_fee")
 THRESHOLD_KEYS = ("meter", "quantity", "amount")
 _PLAN_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-_ZERO = Decimal(0)
 
 
 class PlanError(ValueError):
@@ -58,21 +61,6 @@ class MeterInfo(Protocol):
 
     @property
     def aggregation(self) -> str: ...
-
-
-class _AsJson:
-    def as_json(self) -> dict[str, Any]:
-        """As a JSON-able dict: every amount a decimal string (exact), tuples as lists."""
-        return _as_json(self)
-
-
-@dataclass(frozen=True)
-class Tier(_AsJson):
-    """Quantities in (previous tier's ``up_to``, ``up_to``]; ``up_to`` None is the last, open tier."""
-
-    up_to: Decimal | None
-    unit_price: Decimal = _ZERO
-    flat_fee: Decimal = _ZERO
 
 
 @dataclass(frozen=True)
@@ -122,38 +110,6 @@ class Plan(_AsJson):
         return next((c for c in self.charges if c.meter == meter), None)
 
 
-def _json_value(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return decimal_str(value)
-    if isinstance(value, tuple):
-        return [_json_value(v) for v in value]
-    return value.as_json() if hasattr(value, "as_json") else value
-
-
-def _as_json(obj: Any) -> dict[str, Any]:
-    """A dataclass's fields as JSON: decimals as strings (exact), tuples as lists, parts by as_json."""
-    return {f.name: _json_value(getattr(obj, f.name)) for f in fields(obj)}
-
-
-def _number(raw: Any, where: str, name: str, errors: list[str], *, positive: bool = False) -> Decimal | None:
-    """Parse a non-negative (or, with ``positive``, a > 0) decimal from a YAML string or integer."""
-    try:
-        value = parse_decimal(raw)
-    except ValueError as exc:
-        errors.append(f"{where}: {name} {exc}")
-        return None
-    if value < 0 or (positive and value == 0):
-        errors.append(f"{where}: {name} {raw!r} must be {'greater than 0' if positive else 'at least 0'}.")
-        return None
-    return value
-
-
-def _check_keys(raw: Mapping[Any, Any], where: str, allowed: tuple[str, ...], errors: list[str]) -> None:
-    for key in raw:
-        if key not in allowed:
-            errors.append(f"{where}: unknown key {key!r}; allowed keys: {', '.join(allowed)}.")
-
-
 def _money_field(
     raw: Mapping[str, Any], key: str, where: str, currency: str | None, errors: list[str]
 ) -> Decimal | None:
@@ -167,58 +123,6 @@ def _money_field(
             f"({MINOR_UNITS[currency]}); round it."
         )
     return value
-
-
-def _parse_tiers(raw: Any, where: str, errors: list[str]) -> tuple[Tier, ...]:
-    if not isinstance(raw, list) or not raw:
-        errors.append(f"{where}: tiers must be a non-empty list of {{up_to, unit_price, flat_fee}}.")
-        return ()
-    tiers: list[Tier] = []
-    before = len(errors)
-    for k, item in enumerate(raw):
-        at = f"{where} tiers[{k}]"
-        if not isinstance(item, dict):
-            errors.append(f'{at}: a tier must be a mapping such as {{up_to: 1000, unit_price: "0.01"}}.')
-            continue
-        _check_keys(item, at, TIER_KEYS, errors)
-        up_to = None
-        if "up_to" not in item:
-            errors.append(f"{at}: up_to is required; write up_to: null for the last, open tier.")
-        elif item["up_to"] is not None:
-            up_to = _number(item["up_to"], at, "up_to", errors, positive=True)
-        if "unit_price" not in item and "flat_fee" not in item:
-            errors.append(f"{at}: a tier needs a unit_price, a flat_fee or both.")
-        price = _number(item.get("unit_price", 0), at, "unit_price", errors)
-        flat = _number(item.get("flat_fee", 0), at, "flat_fee", errors)
-        tiers.append(Tier(up_to=up_to, unit_price=price or _ZERO, flat_fee=flat or _ZERO))
-    # Ordering is only meaningful once every tier parsed; otherwise it would repeat the same mistake.
-    if len(errors) == before:
-        _check_tier_order(tiers, where, errors)
-    return tuple(tiers)
-
-
-def _check_tier_order(tiers: list[Tier], where: str, errors: list[str]) -> None:
-    """Bounds strictly increase and only the last tier is open, so every quantity has one tier."""
-    previous: Decimal | None = None
-    for k, tier in enumerate(tiers):
-        at = f"{where} tiers[{k}]"
-        if tier.up_to is None:
-            if k != len(tiers) - 1:
-                errors.append(f"{at}: only the last tier may be open (up_to: null); give it an up_to.")
-            continue
-        if previous is not None and tier.up_to == previous:
-            errors.append(f"{at}: up_to {tier.up_to} duplicates the previous tier's; remove one of them.")
-        elif previous is not None and tier.up_to < previous:
-            errors.append(
-                f"{at}: up_to {tier.up_to} is below the previous tier's {previous}; "
-                "list tiers in increasing up_to."
-            )
-        previous = tier.up_to
-    if tiers[-1].up_to is not None:
-        errors.append(
-            f"{where}: the last tier must be open (up_to: null) so every quantity has a price; "
-            f'add {{up_to: null, unit_price: "…"}}.'
-        )
 
 
 def _parse_group_by(raw: Any, meter: MeterInfo | None, where: str, errors: list[str]) -> tuple[str, ...]:

@@ -223,13 +223,7 @@ def _replay_chunk(
     conn = writer.connection()
     with conn.transaction():
         cur = conn.cursor()
-        params: dict[str, Any] = {"after": after, "limit": chunk_size}
-        rows = cur.execute(
-            "SELECT quarantine_id, event_id, payload, received_at, stream_seq, reasons FROM quarantined_events"
-            f" WHERE {filters.where(params, psycopg_bind)} AND quarantine_id > %(after)s"
-            " ORDER BY quarantine_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED",
-            params,
-        ).fetchall()
+        rows = _take_chunk(cur, filters, after, chunk_size)
         if not rows:
             return ReplaySummary(), None
         candidates, valid, by_id = _revalidate(writer, rows)
@@ -240,51 +234,84 @@ def _replay_chunk(
             writer.insert_raw(cur, valid)
             new_ids = {r[0] for r in cur.execute("SELECT id FROM new_events").fetchall()}
             writer.aggregate_new(conn)
-        still = [c for c in candidates if c.outcome == "quarantined" and c.event_id not in by_id]
-        stored_before = _stored_already(cur, [c.event_id for c in still if c.event_id is not None])
-        for cand in candidates:
-            if cand.event_id in by_id and by_id[cand.event_id] is cand:
-                cand.outcome = "replayed" if cand.event_id in new_ids else "duplicate"
-            elif cand.outcome == "quarantined" and cand.event_id in stored_before:
-                cand.outcome = "duplicate"
-        chunk = ReplaySummary(replay_id=replay_id, dry_run=dry_run, chunks=1, examined=len(candidates))
-        for cand in candidates:
-            if cand.outcome == "replayed":
-                chunk.stored += 1
-            elif cand.outcome == "duplicate":
-                chunk.duplicates += 1
-            else:
-                chunk.still_quarantined += 1
-                for reason in cand.new_reasons if cand.new_reasons is not None else cand.reasons:
-                    chunk.still_reasons[reason_text(reason)] += 1
+        _settle_outcomes(cur, candidates, by_id, new_ids)
+        chunk = _count_chunk(candidates, replay_id, dry_run)
         if dry_run:
             raise psycopg.Rollback()  # leaves the `with`, rolled back: nothing written, locks released
-        # 4c: each row's new state; 4d: the replay's ledger row, in the same transaction.
-        cur.execute(
-            "UPDATE quarantined_events q SET status = t.status, replay_id = %s,"
-            " reasons = coalesce(CAST(t.reasons AS jsonb), q.reasons),"
-            " resolved_at = CASE WHEN t.status = 'quarantined' THEN NULL ELSE now() END"
-            " FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS t(qid, status, reasons)"
-            " WHERE q.quarantine_id = t.qid",
-            (
-                replay_id,
-                [c.quarantine_id for c in candidates],
-                [c.outcome for c in candidates],
-                [
-                    json.dumps(c.new_reasons)
-                    if c.new_reasons is not None and c.outcome == "quarantined"
-                    else None
-                    for c in candidates
-                ],
-            ),
-        )
-        cur.execute(
-            "UPDATE quarantine_replays SET examined = examined + %s, stored = stored + %s,"
-            " duplicates = duplicates + %s, still_quarantined = still_quarantined + %s WHERE replay_id = %s",
-            (chunk.examined, chunk.stored, chunk.duplicates, chunk.still_quarantined, replay_id),
-        )
+        _write_chunk(cur, replay_id, candidates, chunk)
     # 5. Committed (or, for a dry run, rolled back).
     return chunk, rows[-1][0]
+
+
+def _take_chunk(
+    cur: psycopg.Cursor, filters: QuarantineFilter, after: int, chunk_size: int
+) -> list[tuple[Any, ...]]:
+    """Step 2: the next quarantined rows after ``after``, locked; rows another replay holds skipped."""
+    params: dict[str, Any] = {"after": after, "limit": chunk_size}
+    return cur.execute(
+        "SELECT quarantine_id, event_id, payload, received_at, stream_seq, reasons FROM quarantined_events"
+        f" WHERE {filters.where(params, psycopg_bind)} AND quarantine_id > %(after)s"
+        " ORDER BY quarantine_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED",
+        params,
+    ).fetchall()
+
+
+def _settle_outcomes(
+    cur: psycopg.Cursor, candidates: list[_Candidate], by_id: dict[str, _Candidate], new_ids: set[str]
+) -> None:
+    """Each candidate's outcome: ``replayed`` (newly stored), ``duplicate`` (its id was stored
+    already, also when it still fails) or ``quarantined``."""
+    still = [c for c in candidates if c.outcome == "quarantined" and c.event_id not in by_id]
+    stored_before = _stored_already(cur, [c.event_id for c in still if c.event_id is not None])
+    for cand in candidates:
+        if cand.event_id in by_id and by_id[cand.event_id] is cand:
+            cand.outcome = "replayed" if cand.event_id in new_ids else "duplicate"
+        elif cand.outcome == "quarantined" and cand.event_id in stored_before:
+            cand.outcome = "duplicate"
+
+
+def _count_chunk(candidates: list[_Candidate], replay_id: int | None, dry_run: bool) -> ReplaySummary:
+    """The chunk's counts, and the reasons of the events still quarantined."""
+    chunk = ReplaySummary(replay_id=replay_id, dry_run=dry_run, chunks=1, examined=len(candidates))
+    for cand in candidates:
+        if cand.outcome == "replayed":
+            chunk.stored += 1
+        elif cand.outcome == "duplicate":
+            chunk.duplicates += 1
+        else:
+            chunk.still_quarantined += 1
+            for reason in cand.new_reasons if cand.new_reasons is not None else cand.reasons:
+                chunk.still_reasons[reason_text(reason)] += 1
+    return chunk
+
+
+def _write_chunk(
+    cur: psycopg.Cursor, replay_id: int | None, candidates: list[_Candidate], chunk: ReplaySummary
+) -> None:
+    """4c: each row's new state; 4d: the replay's ledger row, in the same transaction."""
+    cur.execute(
+        "UPDATE quarantined_events q SET status = t.status, replay_id = %s,"
+        " reasons = coalesce(CAST(t.reasons AS jsonb), q.reasons),"
+        " resolved_at = CASE WHEN t.status = 'quarantined' THEN NULL ELSE now() END"
+        " FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS t(qid, status, reasons)"
+        " WHERE q.quarantine_id = t.qid",
+        (
+            replay_id,
+            [c.quarantine_id for c in candidates],
+            [c.outcome for c in candidates],
+            [
+                json.dumps(c.new_reasons)
+                if c.new_reasons is not None and c.outcome == "quarantined"
+                else None
+                for c in candidates
+            ],
+        ),
+    )
+    cur.execute(
+        "UPDATE quarantine_replays SET examined = examined + %s, stored = stored + %s,"
+        " duplicates = duplicates + %s, still_quarantined = still_quarantined + %s WHERE replay_id = %s",
+        (chunk.examined, chunk.stored, chunk.duplicates, chunk.still_quarantined, replay_id),
+    )
 
 
 def _stored_already(cur: psycopg.Cursor, ids: list[str]) -> set[str]:

@@ -89,47 +89,67 @@ def replay_meter(
         if new is None:
             conn.execute("DELETE FROM meter_definitions WHERE slug = %s", (change.slug,))
         else:
-            months = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT DISTINCT date_trunc('month', ts, 'UTC') FROM usage_events WHERE event_type = %s ORDER BY 1",
-                    (new.event_type,),
-                ).fetchall()
-            ]
-            for i, month in enumerate(months, 1):
-                sql, params = aggregate_upsert_sql(
-                    new,
-                    "usage_events",
-                    "AND ts >= %(m_start)s AND ts < %(m_start)s + interval '1 month'",
-                )
-                params["m_start"] = month
-                conn.execute(sql, params)
-                if progress:
-                    progress(f"{change.slug}: month {i}/{len(months)} ({month:%Y-%m}) recomputed")
+            _recompute(conn, change.slug, new, progress)
             report.events = _count_events(conn, change.slug)
-            conn.execute(
-                "INSERT INTO meter_definitions (slug, definition, definition_hash, version) VALUES (%s, %s, %s, 1)"
-                " ON CONFLICT (slug) DO UPDATE SET definition = EXCLUDED.definition,"
-                " definition_hash = EXCLUDED.definition_hash, version = meter_definitions.version + 1,"
-                " activated_at = now()",
-                (change.slug, json.dumps(definition(new)), definition_hash(new)),
-            )
+            _activate(conn, change.slug, new)
         new_totals = _totals(conn, new)
         for customer in sorted(old_totals.keys() | new_totals.keys()):
             report.customers[customer] = (old_totals.get(customer), new_totals.get(customer))
-        conn.execute(
-            "INSERT INTO meter_replays (slug, kind, old_definition, new_definition, events, report)"
-            " VALUES (%s, %s, %s, %s, %s, %s)",
-            (
-                change.slug,
-                change.kind,
-                json.dumps(definition(current)) if current else None,
-                json.dumps(definition(new)) if new else None,
-                report.events,
-                json.dumps({c: [_num(o), _num(n)] for c, (o, n) in report.customers.items()}),
-            ),
-        )
+        _record_replay(conn, change, current, report)
     return report
+
+
+def _recompute(
+    conn: psycopg.Connection, slug: str, meter: Meter, progress: Callable[[str], None] | None
+) -> None:
+    """Aggregate the stored raw events of the meter's event type, month by month."""
+    months = [
+        r[0]
+        for r in conn.execute(
+            "SELECT DISTINCT date_trunc('month', ts, 'UTC') FROM usage_events WHERE event_type = %s ORDER BY 1",
+            (meter.event_type,),
+        ).fetchall()
+    ]
+    for i, month in enumerate(months, 1):
+        sql, params = aggregate_upsert_sql(
+            meter,
+            "usage_events",
+            "AND ts >= %(m_start)s AND ts < %(m_start)s + interval '1 month'",
+        )
+        params["m_start"] = month
+        conn.execute(sql, params)
+        if progress:
+            progress(f"{slug}: month {i}/{len(months)} ({month:%Y-%m}) recomputed")
+
+
+def _activate(conn: psycopg.Connection, slug: str, meter: Meter) -> None:
+    """Record ``meter`` as the active definition of ``slug`` (its next version)."""
+    conn.execute(
+        "INSERT INTO meter_definitions (slug, definition, definition_hash, version) VALUES (%s, %s, %s, 1)"
+        " ON CONFLICT (slug) DO UPDATE SET definition = EXCLUDED.definition,"
+        " definition_hash = EXCLUDED.definition_hash, version = meter_definitions.version + 1,"
+        " activated_at = now()",
+        (slug, json.dumps(definition(meter)), definition_hash(meter)),
+    )
+
+
+def _record_replay(
+    conn: psycopg.Connection, change: MeterChange, current: Meter | None, report: ReplayReport
+) -> None:
+    """The ``meter_replays`` row: old and new definitions, events re-aggregated, old against new."""
+    new = change.new
+    conn.execute(
+        "INSERT INTO meter_replays (slug, kind, old_definition, new_definition, events, report)"
+        " VALUES (%s, %s, %s, %s, %s, %s)",
+        (
+            change.slug,
+            change.kind,
+            json.dumps(definition(current)) if current else None,
+            json.dumps(definition(new)) if new else None,
+            report.events,
+            json.dumps({c: [_num(o), _num(n)] for c, (o, n) in report.customers.items()}),
+        ),
+    )
 
 
 def _count_events(conn: psycopg.Connection, slug: str) -> int:

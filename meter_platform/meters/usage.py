@@ -97,14 +97,7 @@ def usage_sql(q: UsageQuery, bind: Bind = sqlalchemy_bind) -> tuple[str, dict[st
     else:
         start_sql = f"CAST({bind('start')} AS timestamptz)"
         params["start"] = q.start
-    if q.window is None:
-        bucket, bucket_end = "b.range_start", "b.range_end"
-    elif q.window in ("minute", "hour"):
-        bucket = f"date_trunc('{q.window}', t, {tz})"
-        bucket_end = f"bucket_start + interval '1 {q.window}'"
-    else:  # local calendar arithmetic: a day or month in the zone, whatever its length
-        bucket = f"date_trunc('{q.window}', t, {tz})"
-        bucket_end = f"(bucket_start AT TIME ZONE {tz} + interval '1 {q.window}') AT TIME ZONE {tz}"
+    bucket, bucket_end = _bucket_sql(q.window, tz)
     group_cols = ["customer_id" if ("customer_id" in q.group_by or q.customer_id) else "CAST(NULL AS text)"]
     dim_names = [g for g in q.group_by if g != "customer_id"]
     for i, dim in enumerate(dim_names):
@@ -113,6 +106,50 @@ def usage_sql(q: UsageQuery, bind: Bind = sqlalchemy_bind) -> tuple[str, dict[st
     group_select = ", ".join(f"{c} AS g{i}" for i, c in enumerate(group_cols))
     group_refs = ", ".join(f"g{i}" for i in range(len(group_cols)))
 
+    source, value = _source_sql(meter, dims_sql, value_sql, where, customer_filter, slug)
+    sql = f"""
+        WITH bounds AS (
+            SELECT s AS range_start, e AS range_end,
+                   least(date_trunc('minute', s) + CASE WHEN date_trunc('minute', s) = s THEN interval '0'
+                                                     ELSE interval '1 minute' END, e) AS inner_start,
+                   greatest(date_trunc('minute', e), s) AS inner_end
+            FROM (SELECT {start_sql} AS s, {end} AS e) r
+        ), src AS ({source}
+        ), bucketed AS (
+            SELECT {bucket} AS bucket_start, {group_select}, src.*
+            FROM src, bounds b
+        )
+        SELECT greatest(bucket_start, b.range_start) AS window_start,
+               least({bucket_end}, b.range_end) AS window_end,
+               {group_refs}, {value} AS value,
+               b.range_start, b.range_end
+        FROM bucketed, bounds b
+        GROUP BY bucket_start, b.range_start, b.range_end, {group_refs}
+        ORDER BY window_start, {group_refs}
+        LIMIT {bind("limit")} OFFSET {bind("offset")}
+    """
+    params["limit"] = q.limit + 1
+    params["offset"] = q.offset
+    return sql, params
+
+
+def _bucket_sql(window: str | None, tz: str) -> tuple[str, str]:
+    """SQL for a row's window start (over ``t``) and a window's end (over ``bucket_start``)."""
+    if window is None:
+        bucket, bucket_end = "b.range_start", "b.range_end"
+    elif window in ("minute", "hour"):
+        bucket = f"date_trunc('{window}', t, {tz})"
+        bucket_end = f"bucket_start + interval '1 {window}'"
+    else:  # local calendar arithmetic: a day or month in the zone, whatever its length
+        bucket = f"date_trunc('{window}', t, {tz})"
+        bucket_end = f"(bucket_start AT TIME ZONE {tz} + interval '1 {window}') AT TIME ZONE {tz}"
+    return bucket, bucket_end
+
+
+def _source_sql(
+    meter: Meter, dims_sql: str, value_sql: str, where: str, customer_filter: str, slug: str
+) -> tuple[str, str]:
+    """The ``src`` subquery of the meter's rows within ``bounds``, and the aggregate of its value."""
     if meter.aggregation in ("unique_count", "latest"):
         # Exact over any range: straight from the raw events (distinct values do not compose).
         source = f"""
@@ -142,30 +179,7 @@ def usage_sql(q: UsageQuery, bind: Bind = sqlalchemy_bind) -> tuple[str, dict[st
             "max": "max(value_max)",
             "avg": "sum(value_sum) / nullif(sum(value_count), 0)",
         }[meter.aggregation]
-    sql = f"""
-        WITH bounds AS (
-            SELECT s AS range_start, e AS range_end,
-                   least(date_trunc('minute', s) + CASE WHEN date_trunc('minute', s) = s THEN interval '0'
-                                                     ELSE interval '1 minute' END, e) AS inner_start,
-                   greatest(date_trunc('minute', e), s) AS inner_end
-            FROM (SELECT {start_sql} AS s, {end} AS e) r
-        ), src AS ({source}
-        ), bucketed AS (
-            SELECT {bucket} AS bucket_start, {group_select}, src.*
-            FROM src, bounds b
-        )
-        SELECT greatest(bucket_start, b.range_start) AS window_start,
-               least({bucket_end}, b.range_end) AS window_end,
-               {group_refs}, {value} AS value,
-               b.range_start, b.range_end
-        FROM bucketed, bounds b
-        GROUP BY bucket_start, b.range_start, b.range_end, {group_refs}
-        ORDER BY window_start, {group_refs}
-        LIMIT {bind("limit")} OFFSET {bind("offset")}
-    """
-    params["limit"] = q.limit + 1
-    params["offset"] = q.offset
-    return sql, params
+    return source, value
 
 
 def _number(value: Any) -> Any:

@@ -32,48 +32,9 @@ def reconcile_aggregates(
     mismatches: list[dict[str, Any]] = []
     compared = 0
     for meter in meters:
-        params: dict[str, Any] = {"slug": meter.slug, "start": start, "end": end}
-        recomputed = minute_aggregates_sql(
-            meter,
-            "usage_events",
-            params,
-            "AND ts >= date_trunc('minute', CAST(%(start)s AS timestamptz))"
-            " AND ts < date_trunc('minute', CAST(%(end)s AS timestamptz))",
-        )
-        rows = conn.execute(
-            f"""
-            WITH raw AS ({recomputed}
-            ), agg AS (
-                SELECT minute, customer_id, dims, event_count, value_count, value_sum, value_min, value_max
-                FROM usage_minute_aggregates WHERE meter_slug = %(slug)s
-                  AND minute >= date_trunc('minute', CAST(%(start)s AS timestamptz))
-                  AND minute < date_trunc('minute', CAST(%(end)s AS timestamptz))
-            )
-            SELECT coalesce(raw.minute, agg.minute), coalesce(raw.customer_id, agg.customer_id),
-                   coalesce(raw.dims, agg.dims), raw.event_count, agg.event_count, raw.value_sum, agg.value_sum,
-                   (raw.minute IS NULL OR agg.minute IS NULL
-                    OR raw.event_count <> agg.event_count OR raw.value_count <> agg.value_count
-                    OR raw.value_sum IS DISTINCT FROM agg.value_sum OR raw.value_min IS DISTINCT FROM agg.value_min
-                    OR raw.value_max IS DISTINCT FROM agg.value_max) AS differs
-            FROM raw FULL OUTER JOIN agg USING (minute, customer_id, dims)
-            """,
-            params,
-        ).fetchall()
+        rows = _compare_with_raw_events(conn, meter, start, end)
         compared += len(rows)
-        for minute, customer, dims, raw_count, agg_count, raw_sum, agg_sum, differs in rows:
-            if differs:
-                mismatches.append(
-                    {
-                        "meter": meter.slug,
-                        "minute": minute.isoformat(),
-                        "customer_id": customer,
-                        "dims": dims,
-                        "raw_count": raw_count,
-                        "aggregate_count": agg_count,
-                        "raw_sum": str(raw_sum) if raw_sum is not None else None,
-                        "aggregate_sum": str(agg_sum) if agg_sum is not None else None,
-                    }
-                )
+        mismatches.extend(_mismatch(meter, row) for row in rows if row[-1])
     if mismatches:
         description = (
             f"{len(mismatches)} of {compared} closed minute windows differ from a recomputation from raw "
@@ -94,6 +55,55 @@ def reconcile_aggregates(
             "to": end.isoformat(),
         },
     )
+
+
+def _compare_with_raw_events(
+    conn: psycopg.Connection, meter: Meter, start: datetime, end: datetime
+) -> list[tuple[Any, ...]]:
+    """One meter's minute windows in [start, end), aggregates against a recomputation from raw events:
+    (minute, customer, dims, raw count, aggregate count, raw sum, aggregate sum, differs) each."""
+    params: dict[str, Any] = {"slug": meter.slug, "start": start, "end": end}
+    recomputed = minute_aggregates_sql(
+        meter,
+        "usage_events",
+        params,
+        "AND ts >= date_trunc('minute', CAST(%(start)s AS timestamptz))"
+        " AND ts < date_trunc('minute', CAST(%(end)s AS timestamptz))",
+    )
+    return conn.execute(
+        f"""
+        WITH raw AS ({recomputed}
+        ), agg AS (
+            SELECT minute, customer_id, dims, event_count, value_count, value_sum, value_min, value_max
+            FROM usage_minute_aggregates WHERE meter_slug = %(slug)s
+              AND minute >= date_trunc('minute', CAST(%(start)s AS timestamptz))
+              AND minute < date_trunc('minute', CAST(%(end)s AS timestamptz))
+        )
+        SELECT coalesce(raw.minute, agg.minute), coalesce(raw.customer_id, agg.customer_id),
+               coalesce(raw.dims, agg.dims), raw.event_count, agg.event_count, raw.value_sum, agg.value_sum,
+               (raw.minute IS NULL OR agg.minute IS NULL
+                OR raw.event_count <> agg.event_count OR raw.value_count <> agg.value_count
+                OR raw.value_sum IS DISTINCT FROM agg.value_sum OR raw.value_min IS DISTINCT FROM agg.value_min
+                OR raw.value_max IS DISTINCT FROM agg.value_max) AS differs
+        FROM raw FULL OUTER JOIN agg USING (minute, customer_id, dims)
+        """,
+        params,
+    ).fetchall()
+
+
+def _mismatch(meter: Meter, row: tuple[Any, ...]) -> dict[str, Any]:
+    """A differing window as the check's metadata lists it."""
+    minute, customer, dims, raw_count, agg_count, raw_sum, agg_sum, _ = row
+    return {
+        "meter": meter.slug,
+        "minute": minute.isoformat(),
+        "customer_id": customer,
+        "dims": dims,
+        "raw_count": raw_count,
+        "aggregate_count": agg_count,
+        "raw_sum": str(raw_sum) if raw_sum is not None else None,
+        "aggregate_sum": str(agg_sum) if agg_sum is not None else None,
+    }
 
 
 def ledger_continuity(conn: psycopg.Connection, ack_floor: int, stream_created: datetime) -> CheckOutcome:
