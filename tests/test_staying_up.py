@@ -339,3 +339,131 @@ def test_the_oldest_waiting_event_is_read_from_jetstream(nats_server, database_u
     result = job.execute_in_process(instance=DagsterInstance.ephemeral())
     [check] = [e for e in result.get_asset_check_evaluations() if e.check_name == "backlog_age"]
     assert not check.passed and check.metadata["waiting_messages"].value == 2
+
+
+# --- 5. NATS that failed a write on a full disk is restarted once there is room --------------------
+
+
+def _publish_one(url: str, timeout: float = 1.0) -> bool:
+    async def go() -> bool:
+        nc = await jetstream.connect(url, name="tests", max_reconnect_attempts=0)
+        try:
+            js = nc.jetstream()
+            await jetstream.ensure_stream_and_consumer(js)
+            await js.publish("meter.events.api_call", b"x" * 10_000, timeout=timeout)
+            return True
+        except Exception:
+            return False
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB file system of its own (tmpfs; needs root and the right to mount)."""
+    import os
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)]).returncode
+    ):
+        pytest.skip("cannot mount a small tmpfs here (needs root and CAP_SYS_ADMIN)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_nats_that_hit_a_full_disk_is_restarted_once_there_is_room_again(small_disk):
+    import os
+    import time
+
+    from meter_platform.runtime.health import JetStreamHealth
+    from meter_platform.runtime.servers import start_nats
+    from meter_platform.runtime.supervisor import Supervisor
+
+    lines: list[str] = []
+    store = small_disk / "nats"
+    nats = start_nats(store)
+    port = int(nats.url.rsplit(":", 1)[1])
+    supervisor = Supervisor(lines.append, first_delay=0.2, check_every=0.2)
+    supervisor.add(
+        "nats",
+        lambda: start_nats(store, port=port),
+        server=nats,
+        check=JetStreamHealth(store, nats.log, lines.append, min_free_bytes=4 * 2**20),
+    )
+    filler = small_disk / "filler"
+    try:
+        assert _publish_one(nats.url)
+        stat = os.statvfs(small_disk)
+        filler.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 1_000_000))  # leave 1 MB
+        published = 0
+        while _publish_one(nats.url, timeout=0.5):
+            published += 1
+            assert published < 500, "the disk never filled"
+        deadline = time.monotonic() + 5
+        while not lines and time.monotonic() < deadline:
+            supervisor.poll()
+            time.sleep(0.1)
+        assert supervisor["nats"] is nats, "restarted while the disk was still full"
+        assert "nats cannot write its JetStream store" in lines[0] and "no space left on device" in lines[0]
+
+        filler.unlink()  # room again; the server that failed the write still refuses every publish
+        assert not _publish_one(nats.url)
+        deadline = time.monotonic() + 15
+        while supervisor["nats"] is nats or supervisor["nats"].process.poll() is not None:
+            assert time.monotonic() < deadline, lines
+            supervisor.poll()
+            time.sleep(0.1)
+        assert "failed to write its JetStream store" in lines[1] and "has room again" in lines[1]
+        assert lines[2].startswith(f"nats restarted at {nats.url}")
+        assert _publish_one(nats.url)  # the same port and store, accepting events again
+    finally:
+        supervisor.stop()
+
+
+def test_nats_without_jetstream_is_restarted(tmp_path):
+    """JetStream disabled (as nats-server does when it runs out of resources): the API does not answer."""
+    import time
+
+    from meter_platform.runtime.health import JetStreamHealth
+    from meter_platform.runtime.servers import (
+        Server,
+        free_port,
+        nats_server_binary,
+        spawn,
+        start_nats,
+        wait_for_port,
+    )
+    from meter_platform.runtime.supervisor import Supervisor
+
+    port, store = free_port(), tmp_path / "nats"
+    store.mkdir()
+    log = store / "nats-server.log"
+    plain = spawn([nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)], log)  # no JetStream
+    wait_for_port("127.0.0.1", port, plain, "nats-server", log)
+    lines: list[str] = []
+    supervisor = Supervisor(lines.append, first_delay=0.1, check_every=0.1)
+    server = Server("nats", plain, f"nats://127.0.0.1:{port}", log)
+    supervisor.add(
+        "nats",
+        lambda: start_nats(store, port=port),
+        server=server,
+        check=JetStreamHealth(store, log, lines.append),
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while supervisor["nats"] is server:
+            assert time.monotonic() < deadline, lines
+            supervisor.poll()
+            time.sleep(0.05)
+        assert "does not serve JetStream" in lines[0]
+        assert _publish_one(server.url)
+    finally:
+        supervisor.stop()
+        if plain.poll() is None:
+            plain.kill()

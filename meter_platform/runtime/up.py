@@ -21,6 +21,7 @@ from meter_platform.catalog import load_catalog
 from meter_platform.config import PACKAGE_DIR, Settings, load_settings
 from meter_platform.ingestion.validation import validate_catalog_types
 from meter_platform.meters.rebuild import format_report, sync_meters
+from meter_platform.runtime.health import JetStreamHealth
 from meter_platform.runtime.launch import (
     dagster_daemon_command,
     dagster_webserver_command,
@@ -132,7 +133,12 @@ def up() -> int:
             nats_dir = settings.data_dir / "nats"
             nats = start_nats(nats_dir)
             nats_port = _port(nats.url)
-            platform.supervisor.add("nats", lambda: start_nats(nats_dir, port=nats_port), server=nats)
+            platform.supervisor.add(
+                "nats",
+                lambda: start_nats(nats_dir, port=nats_port),
+                server=nats,
+                check=JetStreamHealth(nats_dir, nats.log, _say),
+            )
             nats_url = nats.url
         database_url = settings.database_url
         if database_url is None:
