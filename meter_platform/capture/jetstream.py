@@ -140,20 +140,23 @@ async def backlog(js: JetStreamContext) -> Backlog:
 
 
 async def oldest_pending(js: JetStreamContext) -> datetime | None:
-    """When JetStream stored the oldest message not yet committed by the pipeline (None: none waits).
+    """When JetStream stored the oldest message the pipeline has not committed yet (None: none waits).
 
-    A work queue holds exactly the messages not yet acked, so that is the stream's first message (acks
-    out of order leave gaps behind it, never before it). One acked meanwhile is looked up again.
+    That is the message right after the consumer's ack floor (every message up to the floor is acked,
+    the next one is not); not the stream's first message, for a store that failed a write may keep
+    messages that were acked (seen after a full disk). If the floor moves meanwhile, it is read again.
     """
     for _ in range(5):
-        state = (await js.stream_info(STREAM_NAME)).state
-        if state.messages == 0:
+        consumer = await js.consumer_info(STREAM_NAME, CONSUMER_NAME)
+        if not (consumer.num_pending or consumer.num_ack_pending):
             return None
+        floor = consumer.ack_floor.stream_seq if consumer.ack_floor and consumer.ack_floor.stream_seq else 0
+        seq = max(floor + 1, (await js.stream_info(STREAM_NAME)).state.first_seq)
         try:
-            stored = (await js.get_msg(STREAM_NAME, seq=state.first_seq)).time
+            stored = (await js.get_msg(STREAM_NAME, seq=seq)).time
         except NotFoundError:
             continue
         if stored is None:
-            raise RuntimeError(f"JetStream did not report when message {state.first_seq} was stored")
+            raise RuntimeError(f"JetStream did not report when message {seq} was stored")
         return stored
-    raise RuntimeError(f"the first message of stream {STREAM_NAME} kept moving while being read")
+    raise RuntimeError(f"the oldest pending message of stream {STREAM_NAME} kept moving while being read")
