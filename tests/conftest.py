@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServerError
 
 from ingest_gateway.app import create_app
 from meter_platform.capture import jetstream
@@ -95,7 +95,16 @@ async def _reset_stream(url: str) -> None:
         js = nc.jetstream()
         with contextlib.suppress(NotFoundError):
             await js.delete_stream(STREAM_NAME)
-        await jetstream.ensure_stream_and_consumer(js)
+        # nats-server may still be removing the deleted stream's files: creating it again right away
+        # can fail with "error creating store for stream" (err_code 10049). Try again shortly.
+        for attempt in range(20):
+            try:
+                await jetstream.ensure_stream_and_consumer(js)
+                return
+            except ServerError as exc:
+                if exc.err_code != 10049 or attempt == 19:
+                    raise
+                await asyncio.sleep(0.1)
     finally:
         await nc.close()
 
