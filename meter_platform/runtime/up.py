@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meter_platform.capture import jetstream
-from meter_platform.catalog import load_catalog
+from meter_platform.catalog import Catalog, load_catalog
 from meter_platform.config import PACKAGE_DIR, Settings, load_settings
 from meter_platform.ingestion.validation import validate_catalog_types
 from meter_platform.meters.rebuild import format_report, sync_meters
@@ -107,6 +107,115 @@ def _check_ports(settings: Settings) -> None:
             )
 
 
+def _embedded_nats(platform: Platform, settings: Settings) -> str:
+    """Start (and supervise) the embedded nats-server; its URL."""
+    _say("starting NATS with JetStream (file store in .meter/nats, fsync before every ack)")
+    nats_dir = settings.data_dir / "nats"
+    nats = start_nats(nats_dir)
+    nats_port = _port(nats.url)
+    platform.supervisor.add(
+        "nats",
+        lambda: start_nats(nats_dir, port=nats_port),
+        server=nats,
+        check=JetStreamHealth(nats_dir, nats.log, _say),
+    )
+    return nats.url
+
+
+def _embedded_postgres(platform: Platform, settings: Settings) -> str:
+    """Start (and supervise) the embedded PostgreSQL; its URL."""
+    _say("starting PostgreSQL (data in .meter/pg)")
+    pg_dir, databases = settings.data_dir / "pg", ("meter", "dagster")
+    pg = start_postgres(pg_dir, databases=databases)
+    pg_port = _port(pg.url)
+    platform.supervisor.add(
+        "postgres", lambda: start_postgres(pg_dir, port=pg_port, databases=databases), server=pg
+    )
+    return pg.url
+
+
+def _prepare_database(database_url: str, catalog: Catalog) -> str:
+    """Create the databases when missing, migrate, make meters.yaml's changes active; Dagster's URL."""
+    dagster_db = dagster_database_url(database_url)
+    for url in (database_url, dagster_db):
+        try:
+            db.ensure_database(url)
+        except Exception as exc:
+            raise RuntimeError(
+                f"cannot reach or create the database {url} ({exc}). Check METER_DATABASE_URL "
+                "(postgresql://user:password@host:port/dbname), or create the database and grant CREATE."
+            ) from exc
+    applied = db.migrate(database_url)
+    _say(
+        f"database schema up to date ({'applied migrations ' + str(applied) if applied else 'no new migrations'})"
+    )
+    # Meters added or changed in meters.yaml since the last start become active here, their
+    # aggregates rebuilt from the stored raw events (the Dagster sensor does it while running).
+    with db.connect(database_url, autocommit=True) as conn:
+        reports = sync_meters(conn, catalog, progress=_say)
+    fresh = [r.slug for r in reports if r.kind == "added" and not r.events]
+    if fresh:
+        _say(f"activated {len(fresh)} new meter(s): {', '.join(fresh)}")
+    for report in reports:
+        if report.slug not in fresh:
+            _say(format_report(report, limit=5))
+    return dagster_db
+
+
+def _prepare_stream(nats_url: str) -> None:
+    """Create the stream and consumer when missing; changed METER_STREAM_MAX_* take effect now."""
+
+    async def prepare() -> None:
+        nc = await jetstream.connect(nats_url, name="meter-up")
+        try:
+            await jetstream.ensure_stream_and_consumer(nc.jetstream(), apply_limits=True)
+        finally:
+            await nc.close()
+
+    asyncio.run(prepare())
+
+
+def _start_services(
+    platform: Platform, settings: Settings, nats_url: str, database_url: str, dagster_db: str
+) -> None:
+    """The gateway, the Dagster webserver and daemon, with the environment that points them at the servers."""
+    env = platform_env(
+        nats_url,
+        database_url,
+        settings.data_dir.parent,
+        METER_DAGSTER_DATABASE_URL=dagster_db,
+        METER_CATALOG_DIR=str(settings.catalog_dir.resolve()),
+        DAGSTER_HOME=str(dagster_home()),
+    )
+    platform._spawn(
+        "gateway",
+        gateway_command(settings.gateway_host, settings.gateway_port),
+        env,
+        port=settings.gateway_port,
+    )
+    workspace = str(dagster_home().parent / "workspace.yaml")
+    platform._spawn(
+        "dagster-webserver",
+        dagster_webserver_command(settings.gateway_host, settings.dagster_port, workspace),
+        env,
+    )
+    platform._spawn("dagster-daemon", dagster_daemon_command(workspace), env)
+
+
+def _announce(settings: Settings, nats_url: str, database_url: str) -> None:
+    """Write .meter/runtime.json (for `meter` commands) and print where everything is."""
+    gateway_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
+    dagster_url = f"http://{settings.gateway_host}:{settings.dagster_port}"
+    runtime = {"gateway_url": gateway_url, "dagster_url": dagster_url, "nats_url": nats_url,
+               "database_url": database_url, "pid": os.getpid()}  # fmt: skip
+    (settings.data_dir / RUNTIME_FILE).write_text(json.dumps(runtime, indent=2))
+    _say(f"gateway     {gateway_url}   (POST /v1/events, GET /v1/ingest/status)")
+    _say(f"Dagster UI  {dagster_url}   (starting; the sensor launches runs as events arrive)")
+    _say(f"NATS        {nats_url}")
+    _say(f"PostgreSQL  {database_url}")
+    _say(f"logs in {settings.data_dir / 'logs'}; try `meter demo --events 100000`; Ctrl-C stops everything")
+
+
 def up() -> int:
     """Run the platform until Ctrl-C."""
     settings = load_settings()
@@ -127,104 +236,12 @@ def up() -> int:
     # A shell without job control starts background jobs with SIGINT ignored; Ctrl-C must still work.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        nats_url = settings.nats_url
-        if nats_url is None:
-            _say("starting NATS with JetStream (file store in .meter/nats, fsync before every ack)")
-            nats_dir = settings.data_dir / "nats"
-            nats = start_nats(nats_dir)
-            nats_port = _port(nats.url)
-            platform.supervisor.add(
-                "nats",
-                lambda: start_nats(nats_dir, port=nats_port),
-                server=nats,
-                check=JetStreamHealth(nats_dir, nats.log, _say),
-            )
-            nats_url = nats.url
-        database_url = settings.database_url
-        if database_url is None:
-            _say("starting PostgreSQL (data in .meter/pg)")
-            pg_dir, databases = settings.data_dir / "pg", ("meter", "dagster")
-            pg = start_postgres(pg_dir, databases=databases)
-            pg_port = _port(pg.url)
-            platform.supervisor.add(
-                "postgres", lambda: start_postgres(pg_dir, port=pg_port, databases=databases), server=pg
-            )
-            database_url = pg.url
-        dagster_db = dagster_database_url(database_url)
-        for url in (database_url, dagster_db):
-            try:
-                db.ensure_database(url)
-            except Exception as exc:
-                raise RuntimeError(
-                    f"cannot reach or create the database {url} ({exc}). Check METER_DATABASE_URL "
-                    "(postgresql://user:password@host:port/dbname), or create the database and grant CREATE."
-                ) from exc
-        applied = db.migrate(database_url)
-        _say(
-            f"database schema up to date ({'applied migrations ' + str(applied) if applied else 'no new migrations'})"
-        )
-        # Meters added or changed in meters.yaml since the last start become active here, their
-        # aggregates rebuilt from the stored raw events (the Dagster sensor does it while running).
-        with db.connect(database_url, autocommit=True) as conn:
-            reports = sync_meters(conn, catalog, progress=_say)
-        fresh = [r.slug for r in reports if r.kind == "added" and not r.events]
-        if fresh:
-            _say(f"activated {len(fresh)} new meter(s): {', '.join(fresh)}")
-        for report in reports:
-            if report.slug not in fresh:
-                _say(format_report(report, limit=5))
-
-        async def prepare_stream() -> None:
-            nc = await jetstream.connect(nats_url, name="meter-up")
-            try:
-                # METER_STREAM_MAX_MSGS / _BYTES changed since the last start take effect now.
-                await jetstream.ensure_stream_and_consumer(nc.jetstream(), apply_limits=True)
-            finally:
-                await nc.close()
-
-        asyncio.run(prepare_stream())
-        env = platform_env(
-            nats_url,
-            database_url,
-            settings.data_dir.parent,
-            METER_DAGSTER_DATABASE_URL=dagster_db,
-            METER_CATALOG_DIR=str(settings.catalog_dir.resolve()),
-            DAGSTER_HOME=str(dagster_home()),
-        )
-        platform._spawn(
-            "gateway",
-            gateway_command(settings.gateway_host, settings.gateway_port),
-            env,
-            port=settings.gateway_port,
-        )
-        workspace = str(dagster_home().parent / "workspace.yaml")
-        platform._spawn(
-            "dagster-webserver",
-            dagster_webserver_command(settings.gateway_host, settings.dagster_port, workspace),
-            env,
-        )
-        platform._spawn("dagster-daemon", dagster_daemon_command(workspace), env)
-        gateway_url = f"http://{settings.gateway_host}:{settings.gateway_port}"
-        dagster_url = f"http://{settings.gateway_host}:{settings.dagster_port}"
-        (settings.data_dir / RUNTIME_FILE).write_text(
-            json.dumps(
-                {
-                    "gateway_url": gateway_url,
-                    "dagster_url": dagster_url,
-                    "nats_url": nats_url,
-                    "database_url": database_url,
-                    "pid": os.getpid(),
-                },
-                indent=2,
-            )
-        )
-        _say(f"gateway     {gateway_url}   (POST /v1/events, GET /v1/ingest/status)")
-        _say(f"Dagster UI  {dagster_url}   (starting; the sensor launches runs as events arrive)")
-        _say(f"NATS        {nats_url}")
-        _say(f"PostgreSQL  {database_url}")
-        _say(
-            f"logs in {settings.data_dir / 'logs'}; try `meter demo --events 100000`; Ctrl-C stops everything"
-        )
+        nats_url = settings.nats_url or _embedded_nats(platform, settings)
+        database_url = settings.database_url or _embedded_postgres(platform, settings)
+        dagster_db = _prepare_database(database_url, catalog)
+        _prepare_stream(nats_url)
+        _start_services(platform, settings, nats_url, database_url, dagster_db)
+        _announce(settings, nats_url, database_url)
         platform.supervisor.run()
         return 0  # run() returns only through Ctrl-C or SIGTERM
     except KeyboardInterrupt:
