@@ -125,12 +125,21 @@ def ingest_microbatches(
         f"{total.stored} stored, {total.duplicates} duplicates, {total.quarantined} quarantined, "
         f"{total.redelivered} redelivered messages skipped"
     )
-    with db.connect(postgres.url) as conn:
+    yield from _results(total, _ledger_messages(postgres.url, context.run.run_id))
+
+
+def _ledger_messages(database_url: str, run_id: str) -> int:
+    """Messages the ledger holds for the run's batches."""
+    with db.connect(database_url) as conn:
         row = conn.execute(
             "SELECT count(*) FROM ingest_messages m JOIN ingest_batches b USING (batch_id) WHERE b.run_id = %s",
-            (context.run.run_id,),
+            (run_id,),
         ).fetchone()
-        ledger_messages = row[0] if row else 0
+    return row[0] if row else 0
+
+
+def _results(total: BatchCounts, ledger_messages: int):
+    """The run's materializations of the three ingestion assets, with its ledger check."""
     seq_range = f"{total.first_seq}-{total.last_seq}" if total.first_seq is not None else "none"
     common: dict[str, Any] = {
         "stream_seq_range": seq_range,
