@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 LOCK := constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 
-.PHONY: up test check lint format typecheck install bench clean lock
+.PHONY: up test check lint format typecheck install bench chaos chaos-short clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ check: install
 
 bench: install
 	$(BIN)/python bench/ingest_bench.py
+
+# kill -9 every part of the platform under load, then count acked vs stored (README: Chaos suite).
+# CHAOS_ARGS='--scenarios nats,gateway' runs a few; chaos-short runs each fault once (~25 min for all).
+chaos: install
+	$(BIN)/python tests/chaos/run.py $(CHAOS_ARGS)
+
+chaos-short: install
+	$(BIN)/python tests/chaos/run.py --short $(CHAOS_ARGS)
 
 # Re-resolve the newest versions pyproject.toml allows, in a scratch venv, and write them to constraints.txt.
 lock:
