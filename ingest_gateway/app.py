@@ -17,11 +17,12 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ingest_gateway import billing, events, meters, quarantine, status
+from ingest_gateway import auth, billing, events, meters, quarantine, status
 from ingest_gateway.gateway import Gateway
 from ingest_gateway.http import ApiError, json_response
 from meter_platform.catalog import Catalog, load_catalog
@@ -49,6 +50,11 @@ ROUTES = [
     Route("/v1/invoices.csv", billing.invoices_csv, methods=["GET"]),
     Route("/v1/invoices/{invoice_id}.html", billing.invoice_html, methods=["GET"]),
     Route("/v1/invoices/{invoice_id}", billing.get_invoice, methods=["GET"]),
+    # API keys and the audit log (admin)
+    Route("/v1/keys", auth.list_keys, methods=["GET"]),
+    Route("/v1/keys", auth.create_key, methods=["POST"]),
+    Route("/v1/keys/{key_id}", auth.revoke_key, methods=["DELETE"]),
+    Route("/v1/audit", auth.list_audit, methods=["GET"]),
     # operations
     Route("/v1/ingest/status", status.ingest_status, methods=["GET"]),
     Route("/healthz", status.healthz, methods=["GET"]),
@@ -99,6 +105,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
     return Starlette(
         routes=list(ROUTES),
         lifespan=lifespan,
+        middleware=[Middleware(auth.AuthMiddleware)],  # API keys on every /v1 route
         exception_handlers={
             ApiError: _api_error,
             PlatformError: _platform_error,

@@ -56,6 +56,9 @@ class Gateway:
         self.nats_calls = Dependency("nats")
         self.db_calls = Dependency("postgres")
         self.publishes = PublishOutcomes()
+        #: Called with a request's whole batch before anything of it is published; raises ApiError to
+        #: refuse it (the API keys' customer and rate checks, see ingest_gateway/auth.py).
+        self.before_publish: Callable[[list[Event]], None] | None = None
 
     async def start(self) -> None:
         """Connect to NATS (making sure the stream exists) and create the database pool."""
@@ -97,6 +100,8 @@ class Gateway:
     async def publish(self, events: list[Event], received_us: int) -> None:
         """Publish the events durably; raise ApiError(503) when JetStream does not confirm them."""
         assert self.js is not None and self.nc is not None
+        if self.before_publish is not None:
+            self.before_publish(events)
         if not self.nc.is_connected:
             raise ApiError(
                 503,

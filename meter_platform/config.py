@@ -74,6 +74,11 @@ class Settings:
     catalog_dir: Path = EXAMPLE_CATALOG_DIR
     max_body_bytes: int = 5 * 1024 * 1024
     data_dir: Path = field(default_factory=lambda: project_root() / ".meter")
+    # API keys: off only with METER_AUTH=disabled (local experiments); verified keys are cached this
+    # long, so a revocation takes effect within it. ``api_key`` is what clients (CLI, demo) send.
+    auth_enabled: bool = True
+    auth_cache_seconds: float = 5.0
+    api_key: str | None = None
 
 
 def load_settings() -> Settings:
@@ -87,7 +92,17 @@ def load_settings() -> Settings:
         catalog_dir=Path(os.environ.get("METER_CATALOG_DIR") or EXAMPLE_CATALOG_DIR),
         max_body_bytes=_env_int("METER_MAX_BODY_BYTES", 5 * 1024 * 1024),
         data_dir=project_root() / ".meter",
+        auth_enabled=_auth_enabled(),
+        auth_cache_seconds=_env_float("METER_AUTH_CACHE_SECONDS", 5.0),
+        api_key=os.environ.get("METER_API_KEY") or None,
     )
+
+
+def _auth_enabled() -> bool:
+    raw = (os.environ.get("METER_AUTH") or "enabled").strip().lower()
+    if raw not in ("enabled", "disabled"):
+        raise SystemExit(f"METER_AUTH must be enabled or disabled, got {raw!r}")
+    return raw == "enabled"
 
 
 def require_url(value: str | None, name: str) -> str:

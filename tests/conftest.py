@@ -22,6 +22,7 @@ from meter_platform.config import EXAMPLE_CATALOG_DIR, STREAM_NAME, Settings
 from meter_platform.meters.rebuild import sync_meters
 from meter_platform.runtime.servers import Server, free_port, start_nats, start_postgres
 from meter_platform.storage import db
+from tests.helpers import ADMIN_KEY, ADMIN_KEY_ID
 
 TABLES = (
     "usage_minute_aggregates",
@@ -38,6 +39,7 @@ TABLES = (
     "invoice_numbers",
     "subscriptions",
     "customers",
+    "audit_log",
 )
 
 
@@ -84,6 +86,20 @@ def database_url(pg_server: Server) -> str:
 
 
 @pytest.fixture(scope="session")
+def admin_key(database_url: str) -> str:
+    """The admin API key the tests' clients send (tests.helpers.AUTH), stored once per session."""
+    from meter_platform.access import hash_key
+
+    with db.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO api_keys (id, key_hash, prefix, name, scopes, events_per_second, requests_per_second)"
+            " VALUES (%s, %s, %s, 'tests', ARRAY['admin'], 1e9, 1e9) ON CONFLICT (id) DO NOTHING",
+            (ADMIN_KEY_ID, hash_key(ADMIN_KEY), ADMIN_KEY[:12]),
+        )
+    return ADMIN_KEY
+
+
+@pytest.fixture(scope="session")
 def catalog() -> Catalog:
     """The package's example catalog."""
     return load_catalog(EXAMPLE_CATALOG_DIR)
@@ -115,12 +131,20 @@ def clean(nats_server: NatsHandle, database_url: str, catalog: Catalog) -> None:
     asyncio.run(_reset_stream(nats_server.url))
     with db.connect(database_url, autocommit=True) as conn:
         conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+        conn.execute("DELETE FROM api_keys WHERE id <> %s", (ADMIN_KEY_ID,))
         sync_meters(conn, catalog)
 
 
 @pytest.fixture
-def settings(nats_server: NatsHandle, database_url: str, tmp_path: Path) -> Settings:
-    """Settings pointing at the session's servers."""
+def settings(
+    nats_server: NatsHandle,
+    database_url: str,
+    tmp_path: Path,
+    admin_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Settings:
+    """Settings pointing at the session's servers; ``meter`` commands and the demo send the admin key."""
+    monkeypatch.setenv("METER_API_KEY", admin_key)
     return Settings(nats_url=nats_server.url, database_url=database_url, data_dir=tmp_path / ".meter")
 
 

@@ -94,3 +94,9 @@ def backlog(nats_url: str) -> jetstream.Backlog:
             await nc.close()
 
     return asyncio.run(read())
+
+
+#: The admin API key every test's gateway accepts (tests/conftest.py stores its hash); clients send AUTH.
+ADMIN_KEY = "mk_live_tests-admin-key-0000000000000000000000000"
+ADMIN_KEY_ID = "key_tests_admin"
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}

@@ -30,7 +30,7 @@ from meter_platform.capture.envelope import (
 from meter_platform.cli import demo
 from meter_platform.ingestion.validation import validate_event_type
 from meter_platform.runtime.servers import free_port
-from tests.helpers import api_call, publish, query, run_drain
+from tests.helpers import AUTH, api_call, publish, query, run_drain
 
 NOW = datetime(2025, 7, 24, 10, 30, 45, 123456, tzinfo=UTC)
 
@@ -229,7 +229,7 @@ def test_demo_through_the_real_gateway_counts_exactly_the_expected_totals(
 
     # The demo's own check, through the usage API, agrees; and it does notice a wrong total.
     async def check() -> list[demo.MeterCheck]:
-        async with httpx.AsyncClient(base_url=gateway_url) as client:
+        async with httpx.AsyncClient(base_url=gateway_url, headers=AUTH) as client:
             start = result.started - demo.QUERY_MARGIN
             return await demo.check_meters(client, result.expectation, result.customers, start,
                                            datetime.now(UTC) + timedelta(minutes=1))  # fmt: skip
@@ -312,7 +312,7 @@ def test_a_503_is_retried_with_the_same_ids_until_the_stream_has_room(
             run_drain(nats_server.url, database_url, catalog)
 
     async def send() -> demo.SendStats:
-        async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=gateway_url, timeout=30, headers=AUTH) as client:
             return await demo.send_traffic(client, traffic, expectation, concurrency=2)
 
     drainer = threading.Thread(target=drain_until_stopped)
@@ -334,7 +334,7 @@ def test_waiting_gives_up_when_the_pipeline_does_not_count(gateway_url, nats_ser
     publish(nats_server.url, [api_call("never-drained")])
 
     async def wait() -> bool:
-        async with httpx.AsyncClient(base_url=gateway_url) as client:
+        async with httpx.AsyncClient(base_url=gateway_url, headers=AUTH) as client:
             return await demo.wait_for_pipeline(client, baseline=0, accepted=1, timeout=0.5, poll=0.1)
 
     assert asyncio.run(wait()) is False

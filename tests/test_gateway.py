@@ -26,7 +26,7 @@ from ingest_gateway.app import create_app
 from meter_platform.capture import jetstream
 from meter_platform.config import CONSUMER_NAME, STREAM_NAME, DrainSettings
 from meter_platform.runtime.servers import start_nats
-from tests.helpers import api_call, backlog, publish, query, run_drain, scalar
+from tests.helpers import AUTH, api_call, backlog, publish, query, run_drain, scalar
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -52,7 +52,7 @@ def on_day(hour: int, minute: int, second: int, micro: int = 0) -> datetime:
 @pytest.fixture
 def client(clean: None, settings, catalog) -> Iterator[TestClient]:
     """The gateway with its lifespan running, on an empty stream and empty tables."""
-    with TestClient(create_app(settings, catalog), raise_server_exceptions=False) as test_client:
+    with TestClient(create_app(settings, catalog), raise_server_exceptions=False, headers=AUTH) as test_client:
         yield test_client
 
 
@@ -355,7 +355,7 @@ def test_every_bad_item_is_listed_and_nothing_of_the_batch_is_kept(
 
 def test_body_over_the_size_limit_is_413(nats_server, database_url, catalog, settings, clean):
     small = dataclasses.replace(settings, max_body_bytes=1000)
-    with TestClient(create_app(small, catalog), raise_server_exceptions=False) as client:
+    with TestClient(create_app(small, catalog), raise_server_exceptions=False, headers=AUTH) as client:
         big = json.dumps([api_call(f"big-{i}") for i in range(10)])
         assert len(big) > 1000
         assert_error_shape(post(client, big), 413)
@@ -761,7 +761,7 @@ def test_readyz_and_status_answer_in_time_while_postgres_is_frozen(gateway_url, 
         assert status["consumer"]["uncounted"] is None
         assert set(status["events"].values()) == {None}
     wait_until(lambda: httpx.get(f"{gateway_url}/readyz", timeout=10).status_code == 200)
-    status = httpx.get(f"{gateway_url}/v1/ingest/status", timeout=10).json()
+    status = httpx.get(f"{gateway_url}/v1/ingest/status", timeout=10, headers=AUTH).json()
     assert status["degraded"] == [] and status["events"]["stored"] == 0
 
 

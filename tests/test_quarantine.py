@@ -21,7 +21,7 @@ from meter_platform.config import EXAMPLE_CATALOG_DIR
 from meter_platform.ingestion.quarantine import QuarantineFilter
 from meter_platform.ingestion.quarantine_replay import ReplaySummary, replay_quarantine
 from meter_platform.storage import db
-from tests.helpers import RECENT, api_call, publish, query, run_drain, scalar
+from tests.helpers import AUTH, RECENT, api_call, publish, query, run_drain, scalar
 
 TIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 
@@ -74,7 +74,7 @@ def bytes_sum(database_url: str) -> int:
 
 
 def get(gateway_url: str, path: str, params: Any = None) -> httpx.Response:
-    return httpx.get(f"{gateway_url}{path}", params=params, timeout=30)
+    return httpx.get(f"{gateway_url}{path}", params=params, timeout=30, headers=AUTH)
 
 
 def listing(gateway_url: str, params: Any = None) -> dict[str, Any]:
@@ -243,6 +243,7 @@ def test_replay_after_catalog_fix_stores_each_event_once(
             "gw-fetch", customer="c4", method="FETCH", ts=old.strftime("%Y-%m-%dT%H:%M:%S.%f7+02:00")
         ),
         timeout=30,
+        headers=AUTH,
     )
     assert response.status_code == 202, response.text
     run_drain(nats_server.url, database_url, catalog)

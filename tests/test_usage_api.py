@@ -16,7 +16,7 @@ from starlette.testclient import TestClient
 
 from ingest_gateway.app import create_app
 from meter_platform.config import DrainSettings
-from tests.helpers import api_call, publish, run_drain
+from tests.helpers import AUTH, api_call, publish, run_drain
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -27,7 +27,7 @@ QUICK_DRAIN = DrainSettings(batch_size=200, fetch_timeout=0.2, max_seconds=30, i
 @pytest.fixture
 def client(clean: None, settings, catalog) -> Iterator[TestClient]:
     """The gateway with its lifespan running, on an empty stream and empty tables."""
-    with TestClient(create_app(settings, catalog), raise_server_exceptions=False) as test_client:
+    with TestClient(create_app(settings, catalog), raise_server_exceptions=False, headers=AUTH) as test_client:
         yield test_client
 
 

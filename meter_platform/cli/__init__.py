@@ -6,10 +6,10 @@ import argparse
 import os
 import sys
 
-from meter_platform.cli import billing, meters, platform, quarantine, usage
+from meter_platform.cli import billing, keys, meters, platform, quarantine, usage
 from meter_platform.cli.demo import command as demo_command
 
-GROUPS = (platform, demo_command, usage, quarantine, meters, billing)
+GROUPS = (platform, demo_command, usage, quarantine, meters, billing, keys)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,6 +51,10 @@ def cmd_bill(args: argparse.Namespace) -> int:
         print(f"meter bill: run {run_id} failed: {error}", file=sys.stderr)
         return 1
     print(f"run {run_id} succeeded (see it in the Dagster UI under Runs)")
+    if args.finalize:
+        from meter_platform.access import audit
+
+        audit.record_now(url, "cli", "invoices.finalize", args.period, {"run_id": run_id})
     return _print_invoices(url, args.period, None, None, totals_only=True)
 
 

@@ -21,6 +21,26 @@ def gateway_url(args: argparse.Namespace) -> str:
     return f"http://{settings.gateway_host}:{settings.gateway_port}"
 
 
+def api_key() -> str | None:
+    """METER_API_KEY, else the key the first `meter up` wrote to ``.meter/api-key`` (None: neither)."""
+    from meter_platform.access.keys import KEY_FILE
+
+    settings = load_settings()
+    if settings.api_key:
+        return settings.api_key
+    path = settings.data_dir / KEY_FILE
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def auth_headers() -> dict[str, str]:
+    """The ``Authorization`` header every request to the gateway sends (empty without a key)."""
+    key = api_key()
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def database_url() -> str:
     """METER_DATABASE_URL, or the database of the running `meter up`."""
     from meter_platform.runtime.up import read_runtime

@@ -10,6 +10,7 @@ from meter_platform.config import load_settings
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
+    from meter_platform.access import audit
     from meter_platform.catalog import load_catalog
     from meter_platform.meters.aggregates import requested_changes
     from meter_platform.meters.rebuild import format_report, replay_meter
@@ -29,6 +30,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
             print(f"rebuilding {change.slug} ({change.kind}) ...", flush=True)
             report = replay_meter(conn, change, progress=lambda line: print(f"  {line}", flush=True))
             print(format_report(report))
+            audit.record_now(database_url(), "cli", "meter.rebuild", change.slug, {"kind": change.kind})
     return 0
 
 

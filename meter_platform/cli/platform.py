@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from meter_platform.cli.common import gateway_url
+from meter_platform.cli.common import auth_headers, gateway_url
 from meter_platform.config import load_settings
 
 
@@ -31,7 +31,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     url = gateway_url(args)
     try:
-        answer = httpx.get(f"{url}/v1/ingest/status", timeout=10).json()
+        answer = httpx.get(f"{url}/v1/ingest/status", timeout=10, headers=auth_headers()).json()
     except httpx.HTTPError as exc:
         print(f"cannot reach the gateway at {url} ({exc}); is `meter up` running?", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from meter_platform.cli.common import database_url, gateway_url, print_table
+from meter_platform.cli.common import auth_headers, database_url, gateway_url, print_table
 from meter_platform.config import load_settings
 
 
@@ -29,7 +29,7 @@ def cmd_quarantine_list(args: argparse.Namespace) -> int:
         if value is not None:
             params.append((name, str(value)))
     try:
-        response = httpx.get(f"{url}/v1/quarantine", params=tuple(params), timeout=60)
+        response = httpx.get(f"{url}/v1/quarantine", params=tuple(params), timeout=60, headers=auth_headers())
     except httpx.HTTPError as exc:
         print(f"cannot reach the gateway at {url} ({exc}); is `meter up` running?", file=sys.stderr)
         return 2
@@ -68,6 +68,7 @@ def cmd_quarantine_replay(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from meter_platform.access import audit
     from meter_platform.catalog import load_catalog
     from meter_platform.ingestion.quarantine import QuarantineFilter, parse_reasons
     from meter_platform.ingestion.quarantine_replay import count_quarantined, replay_quarantine
@@ -103,6 +104,8 @@ def cmd_quarantine_replay(args: argparse.Namespace) -> int:
     for text, count in summary.still_reasons.most_common(args.top):
         print(f"    {count:>7,}  {text}")
     if summary.replay_id is not None:
+        audit.record_now(db_url, "cli", "quarantine.replay", str(summary.replay_id),
+                         {"examined": summary.examined, "stored": summary.stored})  # fmt: skip
         print(f"replay {summary.replay_id} recorded in quarantine_replays; `meter status` shows the ledger")
     elif args.dry_run:
         print("dry run: nothing was written")

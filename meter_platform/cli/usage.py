@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from meter_platform.cli.common import gateway_url, print_table
+from meter_platform.cli.common import auth_headers, gateway_url, print_table
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
@@ -27,7 +27,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
         if v
     }
     try:
-        response = httpx.get(f"{url}/v1/meters/{args.meter}/usage", params=params, timeout=60)
+        response = httpx.get(
+            f"{url}/v1/meters/{args.meter}/usage", params=params, timeout=60, headers=auth_headers()
+        )
     except httpx.HTTPError as exc:
         print(f"cannot reach the gateway at {url} ({exc}); is `meter up` running?", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meter_platform.access.keys import KEY_FILE, ensure_key_file
 from meter_platform.capture import jetstream
 from meter_platform.catalog import Catalog, load_catalog
 from meter_platform.config import PACKAGE_DIR, Settings, load_settings
@@ -162,6 +163,24 @@ def _prepare_database(database_url: str, catalog: Catalog) -> str:
     return dagster_db
 
 
+def _api_key(settings: Settings, database_url: str) -> None:
+    """The first start creates an admin key, prints it once and leaves it in .meter/api-key (0600) for
+    `meter`, the demo and the SDK; with METER_AUTH=disabled, say loudly that anyone may call anything."""
+    if not settings.auth_enabled:
+        for _ in range(3):
+            _say("WARNING: METER_AUTH=disabled: the gateway accepts every request WITHOUT an API key.")
+        _say("WARNING: use this for local experiments only; never expose this gateway.")
+        return
+    path = settings.data_dir / KEY_FILE
+    secret = ensure_key_file(database_url, settings.data_dir)
+    if secret is None:
+        _say(f"API key for `meter` commands and the demo: {path} (`meter keys list` shows the keys)")
+        return
+    _say("created an admin API key; it is shown this once (only its hash is stored):")
+    _say(f"    {secret}")
+    _say(f"it is also in {path} (mode 0600), which `meter`, the demo and the SDK read")
+
+
 def _prepare_stream(nats_url: str) -> None:
     """Create the stream and consumer when missing; changed METER_STREAM_MAX_* take effect now."""
 
@@ -239,6 +258,7 @@ def up() -> int:
         nats_url = settings.nats_url or _embedded_nats(platform, settings)
         database_url = settings.database_url or _embedded_postgres(platform, settings)
         dagster_db = _prepare_database(database_url, catalog)
+        _api_key(settings, database_url)
         _prepare_stream(nats_url)
         _start_services(platform, settings, nats_url, database_url, dagster_db)
         _announce(settings, nats_url, database_url)

@@ -12,6 +12,7 @@ from starlette.testclient import TestClient
 from ingest_gateway.app import create_app
 from meter_platform.billing import invoicing
 from tests.billing.support import AFTER_GRACE, MARCH
+from tests.helpers import AUTH
 
 LINE_KEYS = {
     "type", "plan", "meter", "group", "description", "quantity", "amount", "precise_amount",
@@ -21,7 +22,7 @@ LINE_KEYS = {
 
 @pytest.fixture
 def client(march, settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, march)) as c:
+    with TestClient(create_app(settings, march), headers=AUTH) as c:
         yield c
 
 

@@ -30,6 +30,7 @@ import httpx
 from tqdm import tqdm
 
 from meter_platform.catalog import Catalog
+from meter_platform.cli.common import auth_headers
 from meter_platform.cli.demo.expectation import Expectation
 from meter_platform.cli.demo.send import (
     CONCURRENCY,
@@ -203,7 +204,9 @@ async def _demo(
 
     limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
     timeout = httpx.Timeout(60.0, connect=5.0)
-    async with httpx.AsyncClient(base_url=gateway_url, limits=limits, timeout=timeout) as client:
+    async with httpx.AsyncClient(
+        base_url=gateway_url, limits=limits, timeout=timeout, headers=auth_headers()
+    ) as client:
         try:
             # Also the check that the gateway is there at all, before a long run of retries.
             baseline = processed_total(await get_json(client, "/v1/ingest/status")) if wait else 0
