@@ -77,7 +77,7 @@ async def capture_gateway(
 ) -> Result:
     """``concurrency`` clients POST /v1/events as fast as the gateway answers."""
     errors: dict[str, int] = {}
-    async with LoadClient(stack.gateway_url, args.concurrency, args.client) as client:
+    async with LoadClient(stack.gateway_url, args.concurrency, args.client, stack.api_key) as client:
         cpu = CpuMeter(stack)
         cpu.start()
         win = Window(args.duration, args.warmup, args.events)

@@ -25,7 +25,8 @@ class RawConnection:
     #: uvicorn closes a keep-alive connection idle for 5 s; reopen before that rather than race it.
     MAX_IDLE = 2.0
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, api_key: str = ""):
+        self.auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         self.hostport = url.split("://", 1)[1].rstrip("/")
         self.host = self.hostport
         self.reader: asyncio.StreamReader | None = None
@@ -33,8 +34,8 @@ class RawConnection:
         self.last_used = 0.0
 
     @classmethod
-    async def open(cls, url: str) -> RawConnection:
-        conn = cls(url)
+    async def open(cls, url: str, api_key: str = "") -> RawConnection:
+        conn = cls(url, api_key)
         await conn._connect()
         return conn
 
@@ -51,7 +52,7 @@ class RawConnection:
             await self._connect()
         assert self.reader is not None and self.writer is not None
         head = (
-            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n{self.auth}"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
         self.writer.write(head + body if len(body) < 65536 else head)
@@ -79,8 +80,8 @@ class RawConnection:
 class LoadClient:
     """``concurrency`` connections to the gateway, one per worker (raw, or httpx with ``--client httpx``)."""
 
-    def __init__(self, url: str, concurrency: int, kind: str):
-        self.url, self.concurrency, self.kind = url, concurrency, kind
+    def __init__(self, url: str, concurrency: int, kind: str, api_key: str = ""):
+        self.url, self.concurrency, self.kind, self.api_key = url, concurrency, kind, api_key
         self.raw: list[RawConnection] = []
         self.httpx: httpx.AsyncClient | None = None
 
@@ -89,11 +90,16 @@ class LoadClient:
             limits = httpx.Limits(
                 max_connections=self.concurrency, max_keepalive_connections=self.concurrency
             )
-            self.httpx = httpx.AsyncClient(base_url=self.url, limits=limits, timeout=httpx.Timeout(60.0))
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else None
+            self.httpx = httpx.AsyncClient(
+                base_url=self.url, limits=limits, timeout=httpx.Timeout(60.0), headers=headers
+            )
             await asyncio.gather(*(self.httpx.get("/healthz") for _ in range(self.concurrency)))
         else:
             self.raw = list(
-                await asyncio.gather(*(RawConnection.open(self.url) for _ in range(self.concurrency)))
+                await asyncio.gather(
+                    *(RawConnection.open(self.url, self.api_key) for _ in range(self.concurrency))
+                )
             )
         return self
 

@@ -193,7 +193,7 @@ async def e2e_stage(
 
     drain_before = _read_drain_stats(stats_file)
     poller = asyncio.create_task(vis.run(stop_polling, on_count))
-    async with LoadClient(stack.gateway_url, args.concurrency, args.client) as client:
+    async with LoadClient(stack.gateway_url, args.concurrency, args.client, stack.api_key) as client:
         cpu = CpuMeter(stack)
         cpu.start()
         start = time.perf_counter()
@@ -227,7 +227,9 @@ async def verify(stack: Stack, probes: list[tuple[str, str]], t_from: datetime, 
     lines = []
     t_to = datetime.now(UTC) + timedelta(minutes=6)
     window = {"from": utc_stamp(t_from - timedelta(minutes=1)), "to": utc_stamp(t_to)}
-    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=60) as client:
+    async with httpx.AsyncClient(
+        base_url=stack.gateway_url, timeout=60, headers=stack.auth_headers
+    ) as client:
         bad = 0
         for event_id, customer in probes:
             ev = (await client.get(f"/v1/events/{event_id}")).json()

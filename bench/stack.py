@@ -94,6 +94,8 @@ class Stack:
     gateway: subprocess.Popen | None = None
     drain: subprocess.Popen | None = None
     gateway_url: str = ""
+    #: An admin key made in the stack's own database (rate limits high enough not to be measured).
+    api_key: str = ""
     env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
@@ -105,6 +107,7 @@ class Stack:
         self.pg = start_postgres(self.tmp / "pg" / "data", databases=("meter",))
         db.migrate(self.pg.url)
         _activate_meters(self.pg.url)
+        self.api_key = _make_api_key(self.pg.url)
         asyncio.run(_prepare_stream(self.nats.url))
         port = free_port()
         self.gateway_url = f"http://127.0.0.1:{port}"
@@ -153,6 +156,11 @@ class Stack:
         ]
         self.drain = spawn(cmd, self.tmp / "drain.log", env=self.env)
 
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """The header that sends the stack's API key."""
+        return {"Authorization": f"Bearer {self.api_key}"}
+
     def pids(self) -> dict[str, int]:
         """The processes whose CPU is reported."""
         out = {}
@@ -176,6 +184,16 @@ class Stack:
                     server.stop()
         if self.tmp is not None and not self.args.keep:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _make_api_key(database_url: str) -> str:
+    """An admin key in the bench's database, limits far above what one machine can send."""
+    from meter_platform.access import create_key
+
+    with db.connect(database_url) as conn:
+        _, secret = create_key(conn, ["admin"], name="bench", events_per_second=1e9, requests_per_second=1e9)
+        conn.commit()
+    return secret
 
 
 def _activate_meters(database_url: str) -> None:
