@@ -356,6 +356,26 @@ def wait_drained(platform: Platform, sender: Sender, timeout: float) -> float | 
     return None
 
 
+def wait_recovered(platform: Platform, sender: Sender, since: float, min_seconds: float) -> float | None:
+    """Seconds from a fault until every id acked before it is stored and a request was acked after it
+    (polled while the load goes on for at least ``min_seconds``); None if not within 300 s."""
+    with sender.ledger.lock:
+        before = set(sender.ledger.acked)
+    url = platform.runtime.get("database_url", "")
+    recovered = None
+    while time.monotonic() - since < 300:
+        if recovered is None and sender.ledger.last_ack > since:
+            try:
+                if not before - stored_ids(url, sender.prefix):
+                    recovered = time.monotonic() - since
+            except Exception:
+                pass
+        if recovered is not None and time.monotonic() - since >= min_seconds:
+            return recovered
+        time.sleep(1)
+    return recovered
+
+
 def usage_total(platform: Platform, meter: str, customer: str) -> float | None:
     today = datetime.now(UTC).date()
     params = {
@@ -695,23 +715,29 @@ def run_scenario(sc: Scenario, platform: Platform, short: bool) -> Row:
     warm, gap = (10, 15) if short else (20, 30)
     sender.start()
     say(f"{sc.name}: load on ({prefix}); {repeats} fault(s)")
-    last_fault = time.monotonic()
     try:
         time.sleep(random.uniform(warm, warm + 10))
         for i in range(repeats):
             what = sc.fault(platform)
-            last_fault = time.monotonic()
+            at = time.monotonic()
             row.faults += 1
             say(f"{sc.name}: fault {i + 1}: {what}")
             if what.startswith("no "):
                 row.not_injected += 1
                 row.note += f" {what};"
-            time.sleep(random.uniform(gap, gap + 15))
+            rec = wait_recovered(platform, sender, at, min_seconds=random.uniform(gap, gap + 15))
+            say(f"{sc.name}: fault {i + 1}: " + (f"recovered in {rec:.0f} s" if rec else "NOT recovered"))
+            if rec is None:
+                row.note += f" fault {i + 1} not recovered in 300 s;"
+            row.recovery = (
+                None
+                if rec is None or (row.faults > 1 and row.recovery is None)
+                else max(rec, row.recovery or 0)
+            )
         sender.finish(timeout=180)
-        rec = wait_drained(platform, sender, timeout=300)
-        row.recovery = None if rec is None else time.monotonic() - last_fault
-        if rec is None:
+        if wait_drained(platform, sender, timeout=300) is None:
             row.note += " NOT drained within 300 s;"
+            row.recovery = None
         count(platform, sender, row)
     finally:
         sender.abandon.set()
