@@ -52,7 +52,9 @@ def on_day(hour: int, minute: int, second: int, micro: int = 0) -> datetime:
 @pytest.fixture
 def client(clean: None, settings, catalog) -> Iterator[TestClient]:
     """The gateway with its lifespan running, on an empty stream and empty tables."""
-    with TestClient(create_app(settings, catalog), raise_server_exceptions=False, headers=AUTH) as test_client:
+    with TestClient(
+        create_app(settings, catalog), raise_server_exceptions=False, headers=AUTH
+    ) as test_client:
         yield test_client
 
 

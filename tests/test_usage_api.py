@@ -27,7 +27,9 @@ QUICK_DRAIN = DrainSettings(batch_size=200, fetch_timeout=0.2, max_seconds=30, i
 @pytest.fixture
 def client(clean: None, settings, catalog) -> Iterator[TestClient]:
     """The gateway with its lifespan running, on an empty stream and empty tables."""
-    with TestClient(create_app(settings, catalog), raise_server_exceptions=False, headers=AUTH) as test_client:
+    with TestClient(
+        create_app(settings, catalog), raise_server_exceptions=False, headers=AUTH
+    ) as test_client:
         yield test_client
 
 

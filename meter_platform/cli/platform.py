@@ -31,10 +31,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     url = gateway_url(args)
     try:
-        answer = httpx.get(f"{url}/v1/ingest/status", timeout=10, headers=auth_headers()).json()
+        response = httpx.get(f"{url}/v1/ingest/status", timeout=10, headers=auth_headers())
     except httpx.HTTPError as exc:
         print(f"cannot reach the gateway at {url} ({exc}); is `meter up` running?", file=sys.stderr)
         return 2
+    if response.status_code in (401, 403):
+        print(f"meter status: {response.json().get('error')} (set METER_API_KEY, or see .meter/api-key)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    answer = response.json()
     if args.json:
         print(json.dumps(answer, indent=2))
         return 0
