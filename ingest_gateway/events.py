@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ingest_gateway.gateway import gateway_of
-from ingest_gateway.http import ApiError, json_response, read_body
+from ingest_gateway.http import ApiError, json_response, read_body, refuse
 from meter_platform.capture.envelope import (
     Event,
     ItemError,
@@ -29,10 +29,13 @@ async def post_events(request: Request) -> Response:
     gw = gateway_of(request)
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type not in _CONTENT_TYPES:
-        raise ApiError(
-            415,
-            f"Content type {content_type!r} is not supported; send application/json "
-            "(one event or an array) or application/x-ndjson.",
+        await refuse(
+            request,
+            ApiError(
+                415,
+                f"Content type {content_type!r} is not supported; send application/json "
+                "(one event or an array) or application/x-ndjson.",
+            ),
         )
     body = await read_body(request, gw.settings.max_body_bytes)
     received_us = now_us()

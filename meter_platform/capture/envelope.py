@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
+
+T = TypeVar("T")
 
 #: Events stamped more than this far ahead of the receiver's clock are refused.
 MAX_FUTURE_SKEW = timedelta(minutes=5)
@@ -59,6 +63,13 @@ _event_decoder = msgspec.json.Decoder(Event | list[Event])
 _any_decoder = msgspec.json.Decoder()
 _batch_decoder = msgspec.json.Decoder(GatewayBatch)
 _encoder = msgspec.json.Encoder()
+
+#: What a body or message nested deeper than the decoders (or the checks walking it) can follow is
+#: told. msgspec raises RecursionError there, not a DecodeError: caught where a body is decoded, so
+#: the normal path does no extra work.
+TOO_DEEP = "the JSON is nested too deeply (keep it under a few hundred levels)"
+#: msgspec raises UnicodeDecodeError (not a DecodeError) for invalid UTF-8 inside a string.
+BAD_UTF8 = "the body is not valid UTF-8"
 
 
 def property_at(properties: dict[str, Any], path: str) -> Any:
@@ -204,17 +215,25 @@ def decode_events(body: bytes) -> tuple[list[Event | None], list[ItemError], boo
         pass
     except msgspec.DecodeError as exc:
         return [], [ItemError(0, "", f"the body is not valid JSON ({exc})")], False
+    except RecursionError:
+        return [], [ItemError(0, "", TOO_DEEP)], False
+    except UnicodeDecodeError:
+        return [], [ItemError(0, "", BAD_UTF8)], False
     else:
         if isinstance(decoded, list):
             return list(decoded), [], True
         return [decoded], [], False
     try:
         raw = _any_decoder.decode(body)
+        items = raw if isinstance(raw, list) else [raw]
+        errors: list[ItemError] = []
+        return [_check_item(i, item, errors) for i, item in enumerate(items)], errors, isinstance(raw, list)
     except msgspec.DecodeError as exc:  # e.g. a number out of range
         return [], [ItemError(0, "", f"the body is not valid JSON ({exc})")], False
-    items = raw if isinstance(raw, list) else [raw]
-    errors: list[ItemError] = []
-    return [_check_item(i, item, errors) for i, item in enumerate(items)], errors, isinstance(raw, list)
+    except RecursionError:  # decodable, but too deep for the checks that walk it
+        return [], [ItemError(0, "", TOO_DEEP)], False
+    except UnicodeDecodeError:
+        return [], [ItemError(0, "", BAD_UTF8)], False
 
 
 def decode_ndjson(body: bytes) -> tuple[list[Event | None], list[ItemError]]:
@@ -226,12 +245,16 @@ def decode_ndjson(body: bytes) -> tuple[list[Event | None], list[ItemError]]:
         if not line.strip():
             continue
         try:
-            item = _any_decoder.decode(line)
+            events.append(_check_item(index, _any_decoder.decode(line), errors))
         except msgspec.DecodeError as exc:
             errors.append(ItemError(index, "", f"line is not valid JSON ({exc})"))
             events.append(None)
-        else:
-            events.append(_check_item(index, item, errors))
+        except RecursionError:
+            errors.append(ItemError(index, "", TOO_DEEP))
+            events.append(None)
+        except UnicodeDecodeError:
+            errors.append(ItemError(index, "", "line is not valid UTF-8"))
+            events.append(None)
         index += 1
     return events, errors
 
@@ -268,22 +291,52 @@ def check_times(events: list[Event | None], received_us: int) -> list[ItemError]
 
 
 def encode_batch(batch: GatewayBatch) -> bytes:
-    """Serialize a gateway batch for JetStream."""
-    return _encoder.encode(batch)
+    """Serialize a gateway batch for JetStream (with more room for depth, as :func:`decode_batch`)."""
+    try:
+        return _encoder.encode(batch)
+    except RecursionError:
+        return _with_room(_encoder.encode, batch)
 
 
 def decode_batch(data: bytes) -> GatewayBatch:
-    """Parse a gateway batch message (raises msgspec errors on a malformed one)."""
-    return _batch_decoder.decode(data)
+    """Parse a gateway batch message (raises msgspec errors on a malformed one).
+
+    msgspec's nesting limit is Python's recursion limit minus the caller's stack depth: the gateway
+    accepted these events at its own depth, and the batch adds two levels. So a batch the pipeline
+    cannot follow from where it stands is decoded again with a little more room (the depth the
+    gateway accepts is bounded by the same limit), never left as a message no one can read.
+    """
+    try:
+        return _batch_decoder.decode(data)
+    except RecursionError:
+        return _with_room(_batch_decoder.decode, data)
+
+
+def _with_room(work: Callable[[Any], T], arg: Any) -> T:
+    """``work(arg)`` with 500 more levels of recursion (rare: only for bodies nested near the limit)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + 500)
+    try:
+        return work(arg)
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def decode_any(data: bytes) -> Any:
-    """Parse any JSON message (directly published events)."""
-    return _any_decoder.decode(data)
+    """Parse any JSON message (directly published events); too deep is a DecodeError too."""
+    try:
+        return _any_decoder.decode(data)
+    except RecursionError as exc:
+        raise msgspec.DecodeError(TOO_DEEP) from exc
+    except UnicodeDecodeError as exc:
+        raise msgspec.DecodeError(BAD_UTF8) from exc
 
 
 def convert_event(item: Any) -> tuple[Event | None, ItemError | None]:
     """Check one directly published JSON value; returns the event or the reason it is not one."""
     errors: list[ItemError] = []
-    event = _check_item(0, item, errors)
+    try:
+        event = _check_item(0, item, errors)
+    except RecursionError:
+        return None, ItemError(0, "", TOO_DEEP)
     return event, (errors[0] if errors else None)
