@@ -25,6 +25,7 @@ from starlette.routing import Route
 from ingest_gateway import auth, billing, events, meters, quarantine, status
 from ingest_gateway.gateway import Gateway
 from ingest_gateway.http import ApiError, json_response
+from ingest_gateway.openapi import docs_page, openapi_json
 from meter_platform.catalog import Catalog, load_catalog
 from meter_platform.config import Settings, load_settings
 from meter_platform.errors import PlatformError
@@ -59,6 +60,9 @@ ROUTES = [
     Route("/v1/ingest/status", status.ingest_status, methods=["GET"]),
     Route("/healthz", status.healthz, methods=["GET"]),
     Route("/readyz", status.readyz, methods=["GET"]),
+    # the API description (public)
+    Route("/openapi.json", openapi_json, methods=["GET"]),
+    Route("/docs", docs_page, methods=["GET"]),
 ]
 
 
