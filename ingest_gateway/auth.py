@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import hmac
 import logging
 import math
 import time
@@ -32,6 +33,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingest_gateway.gateway import Gateway, gateway_of
+from ingest_gateway.health import DEPENDENCY_TIMEOUT, Dependency, NoAnswer
 from ingest_gateway.http import ApiError, json_response, read_body
 from meter_platform.access import audit, keys
 from meter_platform.capture.envelope import Event
@@ -50,8 +52,10 @@ ADMIN = frozenset({"admin"})
 PUBLIC = frozenset({"/v1/healthz", "/v1/readyz"})
 #: Listings whose ``customer_id`` parameter a customer-bound key has forced to its customer.
 _CUSTOMER_FILTERED = ("/v1/invoices", "/v1/invoices.csv", "/v1/quarantine")
-#: At most this many verified (or refused) keys are cached.
+#: At most this many keys looked up outside the snapshot (unknown ones too) are remembered.
 _CACHE_MAX = 10_000
+#: A request waits at most this long for a reload of the keys (a frozen database must not stall capture).
+_RELOAD_WAIT = 0.25
 SCOPE_KEY = "meter.api_key"
 #: The key (and the gateway's Access) of the request being served, for :func:`admit_events`.
 _CURRENT: contextvars.ContextVar[tuple[Caller, Access] | None] = contextvars.ContextVar(
@@ -109,25 +113,84 @@ class Bucket:
 
 @dataclass
 class Access:
-    """The gateway's verified keys (cached for ``ttl`` seconds) and each key's rate buckets."""
+    """The gateway's view of the keys: a snapshot of every active key, reloaded when older than ``ttl``
+    seconds (so a revocation takes effect within it), plus one-off lookups of keys created since.
+
+    Requests never wait long for PostgreSQL: a reload is awaited at most :data:`_RELOAD_WAIT`; while
+    the database does not answer, the last snapshot stays in use. Each key's rate buckets live here too.
+    """
 
     ttl: float
-    cache: dict[str, tuple[float, Caller | None]] = field(default_factory=dict)
+    snapshot: dict[str, Caller] = field(default_factory=dict)
+    loaded_at: float = -math.inf
+    retry_at: float = 0.0
+    misses: dict[str, tuple[float, Caller | None]] = field(default_factory=dict)
+    used: set[str] = field(default_factory=set)
     requests: dict[str, Bucket] = field(default_factory=dict)
     events: dict[str, Bucket] = field(default_factory=dict)
+    calls: Dependency = field(default_factory=lambda: Dependency("postgres"))
+    reloading: asyncio.Future[None] | None = None
 
     async def caller(self, gw: Gateway, secret: str) -> Caller | None:
-        """The active key ``secret`` is, or None; from the cache when verified less than ``ttl`` ago."""
+        """The active key ``secret`` is, or None."""
         digest = hashlib.sha256(secret.encode()).hexdigest()
         now = time.monotonic()
-        hit = self.cache.get(digest)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        found = await _lookup(gw, digest)
-        if len(self.cache) >= _CACHE_MAX:
-            self.cache.clear()
-        self.cache[digest] = (now + self.ttl, found)
+        if now - self.loaded_at > self.ttl and now >= self.retry_at:
+            await self._reload(gw)
+        found = self.snapshot.get(digest)
+        if found is None:
+            hit = self.misses.get(digest)
+            if hit is not None and hit[0] > now:
+                found = hit[1]
+            else:
+                found = await self._lookup(gw, digest)
+                if len(self.misses) >= _CACHE_MAX:
+                    self.misses.clear()
+                self.misses[digest] = (now + self.ttl, found)
+        if found is not None:
+            self.used.add(found.id)
         return found
+
+    async def load(self, gw: Gateway) -> None:
+        """Load the snapshot (at start: the keys work even if PostgreSQL stops answering later)."""
+        await self._reload(gw, wait=DEPENDENCY_TIMEOUT)
+
+    async def _reload(self, gw: Gateway, wait: float = 0.0) -> None:
+        if self.reloading is None or self.reloading.done():
+            self.reloading = asyncio.ensure_future(self._fetch(gw))
+        done, _ = await asyncio.wait({self.reloading}, timeout=wait or _RELOAD_WAIT)
+        if not done:
+            self.retry_at = time.monotonic() + 1.0  # keep the last snapshot meanwhile
+
+    async def _fetch(self, gw: Gateway) -> None:
+        used, self.used = list(self.used), set()
+        try:
+            rows = await self.calls.call(lambda: _load_keys(gw, used))
+        except Exception as exc:
+            self.used.update(used)
+            self.retry_at = time.monotonic() + 1.0
+            log.warning("cannot reload API keys (keeping the last ones): %s", exc)
+            return
+        self.snapshot = {r[0]: Caller(r[1], frozenset(r[2]), r[3], float(r[4]), float(r[5])) for r in rows}
+        self.misses.clear()
+        self.loaded_at = time.monotonic()
+
+    async def _lookup(self, gw: Gateway, digest: str) -> Caller | None:
+        """A key not in the snapshot (created since it was loaded)."""
+        try:
+            rows = await self.calls.call(
+                lambda: gw.query(
+                    f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = :h AND revoked_at IS NULL",
+                    {"h": digest},
+                )
+            )
+        except (NoAnswer, ApiError) as exc:
+            raise ApiError(503, "Keys cannot be verified: the database does not answer. Retry shortly.",
+                           headers={"Retry-After": "2"}) from exc  # fmt: skip
+        if not rows or not hmac.compare_digest(rows[0][0], digest):
+            return None
+        r = rows[0]
+        return Caller(r[1], frozenset(r[2]), r[3], float(r[4]), float(r[5]))
 
     def take_request(self, caller: Caller) -> float:
         bucket = self.requests.get(caller.id)
@@ -142,27 +205,19 @@ class Access:
         return bucket.take(n)
 
 
-async def _lookup(gw: Gateway, digest: str) -> Caller | None:
-    """The key with this hash if active (its last use is stamped, at most once per cache period)."""
+_KEY_COLUMNS = "key_hash, id, scopes, customer_id, events_per_second, requests_per_second"
+
+
+async def _load_keys(gw: Gateway, used: list[str]) -> list[Any]:
+    """Every active key; stamps the last use of the keys used since the previous load."""
     assert gw.engine is not None
-    try:
-        async with gw.engine.begin() as conn:
-            row = (
-                await conn.execute(
-                    text(
-                        "UPDATE api_keys SET last_used_at = now() WHERE key_hash = :h AND revoked_at IS NULL"
-                        " RETURNING id, scopes, customer_id, events_per_second, requests_per_second"
-                    ),
-                    {"h": digest},
-                )
-            ).first()
-    except Exception as exc:
-        log.warning("cannot verify an API key: %s", type(exc).__name__)
-        raise ApiError(503, "Keys cannot be verified: the database is unreachable. Retry shortly.",
-                       headers={"Retry-After": "2"}) from exc  # fmt: skip
-    if row is None:
-        return None
-    return Caller(row[0], frozenset(row[1]), row[2], float(row[3]), float(row[4]))
+    async with gw.engine.begin() as conn:
+        if used:
+            await conn.execute(
+                text("UPDATE api_keys SET last_used_at = now() WHERE id = ANY(:ids)"), {"ids": used}
+            )
+        result = await conn.execute(text(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL"))
+        return list(result.all())
 
 
 def _retry_after(seconds: float) -> dict[str, str]:
@@ -195,14 +250,21 @@ class AuthMiddleware:
         self.app = app
         self.access: Access | None = None
 
+    def _access(self, gw: Gateway) -> Access:
+        if self.access is None:
+            self.access = Access(gw.settings.auth_cache_seconds)
+            gw.before_publish = admit_events
+        return self.access
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._after_startup(scope, send))
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         gw: Gateway = scope["app"].state.gateway
-        if self.access is None:
-            self.access = Access(gw.settings.auth_cache_seconds)
-            gw.before_publish = admit_events
+        access = self._access(gw)
         method, path = scope["method"], scope["path"]
         allowed = allowed_scopes(method, path)
         if allowed is None:
@@ -220,11 +282,23 @@ class AuthMiddleware:
             await json_response(body, status=exc.status, headers=exc.headers)(scope, receive, send)
             return
         scope[SCOPE_KEY] = caller
-        token = _CURRENT.set((caller, self.access))
+        token = _CURRENT.set((caller, access))
         try:
             await self._call_audited(scope, receive, send, caller.id)
         finally:
             _CURRENT.reset(token)
+
+    def _after_startup(self, scope: Scope, send: Send) -> Send:
+        """Load the keys once the gateway is connected, before the server takes requests."""
+
+        async def send_after_load(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                gw: Gateway = scope["app"].state.gateway
+                if gw.settings.auth_enabled:
+                    await self._access(gw).load(gw)
+            await send(message)
+
+        return send_after_load
 
     async def _check(self, gw: Gateway, scope: Scope, allowed: frozenset[str]) -> Caller:
         assert self.access is not None
