@@ -152,11 +152,28 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["data"],
         "properties": {"data": {"type": "array", "items": {"type": "object"}}, "next_offset": _INT},
     },
-    "Customer": {"type": "object", "required": ["id"], "properties": {"id": _STR}},
+    "Customer": _obj(
+        id=_STR,
+        name=_NULLABLE_STR,
+        email=_NULLABLE_STR,
+        subscriptions={
+            "type": "array",
+            "items": _obj(plan=_STR, starts_at=_STR, ends_at=_NULLABLE_STR),
+        },
+    ),
     "Invoice": {
         "type": "object",
-        "required": ["id", "customer_id"],
-        "properties": {"id": _STR, "customer_id": _STR},
+        "required": ["id", "customer_id", "period", "status", "currency", "total", "lines"],
+        "properties": {
+            "id": _STR,
+            "number": _NULLABLE_STR,
+            "customer_id": _STR,
+            "period": _STR,
+            "status": {"enum": ["draft", "final"]},
+            "currency": _STR,
+            "total": {"type": "string", "description": "An exact decimal."},
+            "lines": {"type": "array", "items": {"type": "object"}},
+        },
     },
     "ApiKey": {
         "type": "object",
@@ -177,8 +194,13 @@ _SCHEMAS: dict[str, Any] = {
     },
     "IngestStatus": {
         "type": "object",
-        "required": ["degraded"],
-        "properties": {"degraded": {"type": "array", "items": _STR}},
+        "required": ["stream", "consumer", "events", "degraded"],
+        "properties": {
+            "stream": {"type": "object"},
+            "consumer": {"type": "object"},
+            "events": {"type": "object"},
+            "degraded": {"type": "array", "items": _STR},
+        },
     },
 }
 
