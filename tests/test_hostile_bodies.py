@@ -14,6 +14,7 @@ import urllib.request
 from typing import Any
 
 import pytest
+import requests
 
 from tests.helpers import RECENT_TS, api_call, backlog, query, run_drain
 
@@ -139,7 +140,7 @@ def test_compressed_bodies_are_415(request, gateway_url, nats_server, encoding):
     assert_unharmed(gateway_url, auth_headers(request), nats_server.url)
 
 
-def test_a_60_mb_body_gets_a_413_that_urllib_reads(request, gateway_url, nats_server):
+def test_a_60_mb_body_gets_a_413_that_urllib_and_requests_read(request, gateway_url, nats_server):
     body = b"[" + b" " * (60 * 1024 * 1024) + b"]"
     headers = {**auth_headers(request), "Content-Type": "application/json"}
     assert_refused(send(gateway_url, body, headers), 413)
@@ -149,6 +150,9 @@ def test_a_60_mb_body_gets_a_413_that_urllib_reads(request, gateway_url, nats_se
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(req, timeout=60)
     assert refused.value.code == 413 and json.loads(refused.value.read())["error"]
+    # requests too
+    answer = requests.post(gateway_url + "/v1/events", data=body, headers=headers, timeout=60)
+    assert answer.status_code == 413 and answer.json()["error"]
     # a 60 MB upload with the wrong content type: 415, just as readable
     assert_refused(send(gateway_url, body, {**headers, "Content-Type": "text/plain"}), 415)
     assert_unharmed(gateway_url, auth_headers(request), nats_server.url)
