@@ -635,20 +635,16 @@ def fill_disk(platform: Platform, seconds: float = 15) -> str:
     """Fill the tmpfs under .meter/nats to the last byte, hold it full, then free the space again."""
     mount = platform.home / ".meter" / "nats"
     filler = mount / "chaos-filler"
-    with open(filler, "wb") as f:
-        chunk = b"\0" * (1 << 20)
-        try:
-            while True:
-                f.write(chunk)
-                f.flush()
-        except OSError:
-            pass
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-                f.flush()
-        except OSError:
-            pass
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    written = 0
+    try:
+        for size in (1 << 20, 4096, 1):  # MiB chunks, then pages, then bytes: to the last byte
+            with contextlib.suppress(OSError):
+                while True:
+                    written += os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    say(f"disk-full: wrote {written >> 20} MiB, {shutil.disk_usage(mount).free} bytes left")
     time.sleep(seconds)
     filler.unlink()
     return f"disk under NATS full for {seconds:.0f} s, then freed"
