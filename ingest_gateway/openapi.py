@@ -223,7 +223,13 @@ _BODY_EVENTS = {
     "required": True,
     "content": {
         JSON: {"schema": {"oneOf": [_ref("Event"), {"type": "array", "items": _ref("Event")}]}},
-        "application/x-ndjson": {"schema": {"type": "string", "description": "One event object per line."}},
+        "application/x-ndjson": {
+            "schema": {
+                "type": "array",
+                "items": _ref("Event"),
+                "description": "Sent as NDJSON: one event object per line.",
+            }
+        },
     },
 }
 
