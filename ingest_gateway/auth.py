@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingest_gateway.gateway import Gateway, gateway_of
 from ingest_gateway.health import DEPENDENCY_TIMEOUT, Dependency, NoAnswer
-from ingest_gateway.http import ApiError, json_response, read_body
+from ingest_gateway.http import ApiError, json_response, read_json_object
 from meter_platform.access import audit, keys
 from meter_platform.capture.envelope import Event
 from meter_platform.config import require_url
@@ -461,13 +461,8 @@ async def list_keys(request: Request) -> Response:
 async def create_key(request: Request) -> Response:
     """POST /v1/keys ``{"scopes", "name"?, "customer_id"?, "events_per_second"?, "requests_per_second"?}``:
     the new key, shown this once."""
-    import msgspec
-
-    try:
-        body = msgspec.json.decode(await read_body(request, 64 * 1024))
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, "The body is not valid JSON.") from exc
-    if not isinstance(body, dict) or not isinstance(body.get("scopes"), list):
+    body = await read_json_object(request)
+    if not isinstance(body.get("scopes"), list):
         raise ApiError(
             400, 'The body is {"scopes": ["ingest"|"read"|"admin", ...], "name"?, "customer_id"?}.'
         )

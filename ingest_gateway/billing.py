@@ -11,19 +11,17 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import msgspec
 import psycopg
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
 from ingest_gateway.gateway import gateway_of
-from ingest_gateway.http import ApiError, json_response, read_body
+from ingest_gateway.http import ApiError, json_response, read_json_object
 from meter_platform.billing import customers, statements
 from meter_platform.config import require_url
 from meter_platform.storage import db
 
 T = TypeVar("T")
-_MAX_ADMIN_BODY = 64 * 1024
 
 
 async def _in_transaction(request: Request, work: Callable[[psycopg.Connection], T]) -> T:
@@ -43,17 +41,6 @@ async def _in_transaction(request: Request, work: Callable[[psycopg.Connection],
     return await asyncio.to_thread(run)
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
-    body = await read_body(request, _MAX_ADMIN_BODY)
-    try:
-        data = msgspec.json.decode(body) if body.strip() else {}
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, f"The body is not valid JSON ({exc}).") from exc
-    if not isinstance(data, dict):
-        raise ApiError(400, "The body must be a JSON object.")
-    return data
-
-
 def _customer_id(request: Request) -> str:
     customer_id = request.path_params["customer_id"]
     if not 1 <= len(customer_id) <= 256 or "\x00" in customer_id:
@@ -64,7 +51,7 @@ def _customer_id(request: Request) -> str:
 async def put_customer(request: Request) -> Response:
     """PUT /v1/customers/{id}: create or update; with ``plan``, subscribe (or change plan) at
     ``subscribed_from`` (default: now). 201 when created, 200 when updated."""
-    customer_id, body = _customer_id(request), await _json_object(request)
+    customer_id, body = _customer_id(request), await read_json_object(request)
     plans = gateway_of(request).catalog.plans
 
     def work(conn: psycopg.Connection) -> tuple[bool, dict[str, Any] | None]:
@@ -104,7 +91,7 @@ async def list_customers(request: Request) -> Response:
 
 async def post_subscription(request: Request) -> Response:
     """POST /v1/customers/{id}/subscriptions ``{"plan", "starts_at"}``: change plan at that instant."""
-    customer_id, body = _customer_id(request), await _json_object(request)
+    customer_id, body = _customer_id(request), await read_json_object(request)
     unknown = sorted(set(body) - {"plan", "starts_at"})
     if unknown or "plan" not in body:
         raise ApiError(400, "The body is {\"plan\": ..., \"starts_at\": RFC 3339 (default: now)}.",

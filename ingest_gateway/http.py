@@ -9,6 +9,8 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from meter_platform.capture.envelope import BAD_UTF8, TOO_DEEP
+
 _encoder = msgspec.json.Encoder(decimal_format="number")
 
 
@@ -83,3 +85,23 @@ async def read_body(request: Request, limit: int) -> bytes:
             await refuse(request, _too_large(limit), stream, size)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+#: Bodies of the administrative routes (customers, subscriptions, keys) are small.
+MAX_ADMIN_BODY = 64 * 1024
+
+
+async def read_json_object(request: Request, limit: int = MAX_ADMIN_BODY) -> dict[str, Any]:
+    """A JSON object body (an empty body is ``{}``); a clear 400 for anything else, however broken."""
+    body = await read_body(request, limit)
+    try:
+        data = msgspec.json.decode(body) if body.strip() else {}
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"The body is not valid JSON ({exc}).") from exc
+    except RecursionError as exc:  # msgspec's answer to very deep nesting
+        raise ApiError(400, f"The body is not usable: {TOO_DEEP}.") from exc
+    except UnicodeDecodeError as exc:  # msgspec's answer to invalid UTF-8 inside a string
+        raise ApiError(400, f"The body is not usable: {BAD_UTF8}.") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "The body must be a JSON object.")
+    return data

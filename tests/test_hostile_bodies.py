@@ -200,3 +200,28 @@ def test_the_deepest_event_the_gateway_accepts_reaches_the_database(
         database_url, "SELECT count(*) FROM quarantined_events WHERE event_id = %s", (accepted,)
     )
     assert stored + quarantined[0][0] == 1
+
+
+ADMIN_BODIES = {
+    "nested arrays": b"[" * 30_000,  # under the 64 KiB limit of admin bodies, far too deep
+    "nested objects": b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
+    "invalid UTF-8 in a string": b'{"name": "\xff\xfe"}',
+    "not an object": b"[1, 2]",
+    "not JSON": b"{name: x}",
+}
+
+
+@pytest.mark.parametrize("body", list(ADMIN_BODIES.values()), ids=list(ADMIN_BODIES))
+@pytest.mark.parametrize(("method", "path"), [("PUT", "/v1/customers/hostile"), ("POST", "/v1/keys")])
+def test_hostile_bodies_on_the_admin_routes_are_400(request, gateway_url, method, path, body):
+    headers = {**auth_headers(request), "Content-Type": "application/json"}
+    req = urllib.request.Request(gateway_url + path, data=body, headers=headers, method=method)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=30)
+    answer = json.loads(refused.value.read())
+    assert refused.value.code == 400, answer
+    assert set(answer) == {"error", "details"} and answer["error"]
+    check = urllib.request.Request(gateway_url + "/v1/customers/hostile", headers=headers)
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(check, timeout=30)
+    assert missing.value.code == 404  # nothing of the refused request was kept
