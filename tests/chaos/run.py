@@ -533,7 +533,8 @@ def kill_postgres_mid_transaction(platform: Platform) -> str:
             rows = q(
                 url,
                 "SELECT pid, left(query, 60) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() AND xact_start IS NOT NULL AND state <> 'idle' "
+                "AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND xact_start IS NOT NULL "
+                "AND state <> 'idle' "
                 "AND (query ILIKE '%usage_events%' OR query ILIKE '%ingest_%' OR query ILIKE '%aggregates%')",
             )
         except Exception:
