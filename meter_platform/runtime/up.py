@@ -178,7 +178,7 @@ def _api_key(settings: Settings, database_url: str) -> None:
         return
     _say("created an admin API key; it is shown this once (only its hash is stored):")
     _say(f"    {secret}")
-    _say(f"it is also in {path} (mode 0600), which `meter`, the demo and the SDK read")
+    _say(f"it is also in {path} (mode 0600), which `meter` and the demo read")
 
 
 def _prepare_stream(nats_url: str) -> None:
