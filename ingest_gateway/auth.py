@@ -32,14 +32,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ingest_gateway.gateway import Gateway, gateway_of
+from ingest_gateway.gateway import Gateway, gateway_of, in_transaction
 from ingest_gateway.health import DEPENDENCY_TIMEOUT, Dependency, NoAnswer
-from ingest_gateway.http import ApiError, json_response, read_json_object
+from ingest_gateway.http import ApiError, json_response, paging, read_json_object
 from meter_platform.access import audit, keys
 from meter_platform.capture.envelope import Event
-from meter_platform.config import require_url
 from meter_platform.errors import PlatformError
-from meter_platform.storage import db
 
 log = logging.getLogger("ingest_gateway")
 T = TypeVar("T")
@@ -341,7 +339,7 @@ class AuthMiddleware:
         await self.app(scope, receive, send_status)
         if 200 <= status < 300:
             gw: Gateway = scope["app"].state.gateway
-            await _run_db(
+            await in_transaction(
                 gw, lambda conn: audit.record(conn, actor, action, parts[2], {"path": scope["path"]})
             )
 
@@ -409,43 +407,15 @@ def admit_events(events: list[Event]) -> None:
 # --- admin routes: /v1/keys and /v1/audit ------------------------------------------------------------
 
 
-async def _run_db(gw: Gateway, work: Callable[[psycopg.Connection], T]) -> T:
-    url = require_url(gw.settings.database_url, "METER_DATABASE_URL")
-
-    def run() -> T:
-        try:
-            with db.connect(url, connect_timeout=5) as conn:
-                result = work(conn)
-                conn.commit()
-                return result
-        except psycopg.OperationalError as exc:
-            raise ApiError(
-                503, "The database is unreachable. Retry shortly.", headers={"Retry-After": "2"}
-            ) from exc
-
-    return await asyncio.to_thread(run)
-
-
 def _actor(request: Request) -> str:
     caller: Caller | None = request.scope.get(SCOPE_KEY)
     return caller.id if caller else "auth-disabled"
 
 
-def _paging(request: Request, default: int = 100) -> tuple[int, int]:
-    try:
-        limit = int(request.query_params.get("limit") or default)
-        offset = int(request.query_params.get("offset") or 0)
-    except ValueError as exc:
-        raise ApiError(400, "limit and offset must be integers.") from exc
-    if not 1 <= limit <= 1000 or offset < 0:
-        raise ApiError(400, "limit must be 1 to 1000 and offset at least 0.")
-    return limit, offset
-
-
 async def list_audit(request: Request) -> Response:
     """GET /v1/audit?limit=&offset=: admin actions, newest first."""
-    limit, offset = _paging(request)
-    rows = await _run_db(gateway_of(request), lambda conn: audit.list_audit(conn, limit, offset))
+    limit, offset = paging(request)
+    rows = await in_transaction(gateway_of(request), lambda conn: audit.list_audit(conn, limit, offset))
     answer: dict[str, Any] = {"data": rows}
     if len(rows) == limit:
         answer["next_offset"] = offset + limit
@@ -454,7 +424,7 @@ async def list_audit(request: Request) -> Response:
 
 async def list_keys(request: Request) -> Response:
     """GET /v1/keys: every key (never the key itself)."""
-    found = await _run_db(gateway_of(request), keys.list_keys)
+    found = await in_transaction(gateway_of(request), keys.list_keys)
     return json_response({"keys": [k.as_json() for k in found]})
 
 
@@ -481,7 +451,7 @@ async def create_key(request: Request) -> Response:
         return {**key.as_json(), "key": secret}
 
     try:
-        return json_response(await _run_db(gateway_of(request), work), status=201)
+        return json_response(await in_transaction(gateway_of(request), work), status=201)
     except (TypeError, ValueError) as exc:
         raise ApiError(400, "Rate limits must be numbers and name/customer_id strings.") from exc
 
@@ -490,7 +460,7 @@ async def revoke_key(request: Request) -> Response:
     """DELETE /v1/keys/{key_id}: revoke (effective within the gateway's key cache time)."""
     key_id, actor = request.path_params["key_id"], _actor(request)
     try:
-        key = await _run_db(gateway_of(request), lambda conn: keys.revoke_key(conn, key_id, actor))
+        key = await in_transaction(gateway_of(request), lambda conn: keys.revoke_key(conn, key_id, actor))
     except PlatformError:
         raise
     return json_response(key.as_json())

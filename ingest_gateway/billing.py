@@ -7,38 +7,17 @@ Dagster assets use).
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from ingest_gateway.gateway import gateway_of
-from ingest_gateway.http import ApiError, json_response, read_json_object
+from ingest_gateway.gateway import gateway_of, in_transaction
+from ingest_gateway.http import ApiError, json_response, paging, read_json_object
 from meter_platform.billing import customers, statements
-from meter_platform.config import require_url
-from meter_platform.storage import db
 
 T = TypeVar("T")
-
-
-async def _in_transaction(request: Request, work: Callable[[psycopg.Connection], T]) -> T:
-    url = require_url(gateway_of(request).settings.database_url, "METER_DATABASE_URL")
-
-    def run() -> T:
-        try:
-            with db.connect(url, connect_timeout=5) as conn:
-                result = work(conn)
-                conn.commit()
-                return result
-        except psycopg.OperationalError as exc:
-            raise ApiError(
-                503, "The database is unreachable. Retry shortly.", headers={"Retry-After": "2"}
-            ) from exc
-
-    return await asyncio.to_thread(run)
 
 
 def _customer_id(request: Request) -> str:
@@ -58,34 +37,27 @@ async def put_customer(request: Request) -> Response:
         created = customers.put_customer(conn, customer_id, body, plans)
         return created, customers.customer_json(conn, customer_id)
 
-    created, customer = await _in_transaction(request, work)
+    created, customer = await in_transaction(gateway_of(request), work)
     return json_response(customer, status=201 if created else 200)
 
 
 async def get_customer(request: Request) -> Response:
     """GET /v1/customers/{id}: the customer and its subscriptions."""
     customer_id = _customer_id(request)
-    customer = await _in_transaction(request, lambda conn: customers.customer_json(conn, customer_id))
+    customer = await in_transaction(
+        gateway_of(request), lambda conn: customers.customer_json(conn, customer_id)
+    )
     if customer is None:
         raise ApiError(404, f"No customer {customer_id!r}; create it with PUT /v1/customers/{{id}}.")
     return json_response(customer)
 
 
-def _paging(request: Request) -> tuple[int, int]:
-    try:
-        limit = int(request.query_params.get("limit") or 1000)
-        offset = int(request.query_params.get("offset") or 0)
-    except ValueError as exc:
-        raise ApiError(400, "limit and offset must be integers.") from exc
-    if not 1 <= limit <= 1000 or offset < 0:
-        raise ApiError(400, "limit must be 1 to 1000 and offset at least 0.")
-    return limit, offset
-
-
 async def list_customers(request: Request) -> Response:
     """GET /v1/customers: every customer by id, with subscriptions (``limit``, ``offset``)."""
-    limit, offset = _paging(request)
-    found = await _in_transaction(request, lambda conn: customers.list_customers(conn, limit, offset))
+    limit, offset = paging(request, default=1000)
+    found = await in_transaction(
+        gateway_of(request), lambda conn: customers.list_customers(conn, limit, offset)
+    )
     return json_response({"customers": found})
 
 
@@ -105,7 +77,7 @@ async def post_subscription(request: Request) -> Response:
         customers.subscribe(conn, customer_id, body["plan"], at or datetime.now(UTC), plans)
         return customers.customer_json(conn, customer_id)
 
-    return json_response(await _in_transaction(request, work), status=201)
+    return json_response(await in_transaction(gateway_of(request), work), status=201)
 
 
 def _filters(request: Request) -> tuple[str | None, str | None, str | None]:
@@ -116,8 +88,8 @@ def _filters(request: Request) -> tuple[str | None, str | None, str | None]:
 async def list_invoices(request: Request) -> Response:
     """GET /v1/invoices?customer_id=&period=YYYY-MM&status=draft|final."""
     customer_id, period, status = _filters(request)
-    found = await _in_transaction(
-        request, lambda conn: statements.invoices_json(conn, customer_id, period, status)
+    found = await in_transaction(
+        gateway_of(request), lambda conn: statements.invoices_json(conn, customer_id, period, status)
     )
     return json_response({"invoices": found})
 
@@ -125,8 +97,8 @@ async def list_invoices(request: Request) -> Response:
 async def invoices_csv(request: Request) -> Response:
     """GET /v1/invoices.csv?period=: one row per invoice line, for finance."""
     customer_id, period, status = _filters(request)
-    found = await _in_transaction(
-        request,
+    found = await in_transaction(
+        gateway_of(request),
         lambda conn: statements.invoices_csv(statements.invoices_json(conn, customer_id, period, status)),
     )
     name = statements.safe_filename(f"invoices-{period or 'all'}.csv")
@@ -141,7 +113,7 @@ async def _invoice(request: Request) -> tuple[dict[str, Any], dict[str, Any] | N
         inv = statements.invoice_json(conn, invoice_id)
         return inv, customers.customer_json(conn, inv["customer_id"]) if inv else None
 
-    inv, customer = await _in_transaction(request, work)
+    inv, customer = await in_transaction(gateway_of(request), work)
     if inv is None:
         raise ApiError(404, f"No invoice {invoice_id!r}; GET /v1/invoices lists them.")
     return inv, customer

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
+import psycopg
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -214,3 +215,22 @@ class Gateway:
 def gateway_of(request: Request) -> Gateway:
     """The app's Gateway (set by the lifespan)."""
     return request.app.state.gateway
+
+
+async def in_transaction(gw: Gateway, work: Callable[[psycopg.Connection], T]) -> T:
+    """Run ``work`` in one PostgreSQL transaction on its own connection, in a worker thread: for the
+    low-volume administrative routes (customers, keys, audit). 503 when the database is unreachable."""
+    url = require_url(gw.settings.database_url, "METER_DATABASE_URL")
+
+    def run() -> T:
+        try:
+            with db.connect(url, connect_timeout=5) as conn:
+                result = work(conn)
+                conn.commit()
+                return result
+        except psycopg.OperationalError as exc:
+            raise ApiError(
+                503, "The database is unreachable. Retry shortly.", headers={"Retry-After": "2"}
+            ) from exc
+
+    return await asyncio.to_thread(run)

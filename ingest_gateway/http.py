@@ -105,3 +105,15 @@ async def read_json_object(request: Request, limit: int = MAX_ADMIN_BODY) -> dic
     if not isinstance(data, dict):
         raise ApiError(400, "The body must be a JSON object.")
     return data
+
+
+def paging(request: Request, default: int = 100, maximum: int = 1000) -> tuple[int, int]:
+    """``limit`` (1 to ``maximum``, default ``default``) and ``offset`` (0 or more) of a listing."""
+    try:
+        limit = int(request.query_params.get("limit") or default)
+        offset = int(request.query_params.get("offset") or 0)
+    except ValueError as exc:
+        raise ApiError(400, "limit and offset must be integers.") from exc
+    if not 1 <= limit <= maximum or offset < 0:
+        raise ApiError(400, f"limit must be 1 to {maximum} and offset at least 0.")
+    return limit, offset
