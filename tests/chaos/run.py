@@ -192,6 +192,12 @@ def api_key(home: Path) -> str | None:
         return None
 
 
+def auth_headers(home: Path) -> dict[str, str]:
+    """The Authorization header with the platform's admin key, once `meter up` has written it."""
+    key = api_key(home)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 # ---------------------------------------------------------------- the sender
 
 
@@ -259,10 +265,7 @@ class Sender:
 
     def _post(self, client: httpx.Client, body: bytes) -> tuple[str, float]:
         """One attempt: ('ok'|'retry'|'timeout', seconds to wait before retrying)."""
-        headers = {"Content-Type": "application/json"}
-        key = api_key(self.platform.home)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
+        headers = {"Content-Type": "application/json", **auth_headers(self.platform.home)}
         url = f"http://127.0.0.1:{self.platform.gateway_port}/v1/events"
         try:
             r = client.post(url, content=body, headers=headers)
@@ -328,10 +331,7 @@ def stored_ids(url: str, prefix: str) -> set[str]:
 
 def backlog(platform: Platform) -> int | None:
     """consumer.uncounted of /v1/ingest/status (messages not yet in the ledger); None if unknown."""
-    headers = {}
-    key = api_key(platform.home)
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
+    headers = auth_headers(platform.home)
     try:
         r = httpx.get(
             f"http://127.0.0.1:{platform.gateway_port}/v1/ingest/status", headers=headers, timeout=5
@@ -384,10 +384,7 @@ def usage_total(platform: Platform, meter: str, customer: str) -> float | None:
         "window": "day",
         "customer_id": customer,
     }
-    headers = {}
-    key = api_key(platform.home)
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
+    headers = auth_headers(platform.home)
     try:
         r = httpx.get(
             f"http://127.0.0.1:{platform.gateway_port}/v1/meters/{meter}/usage",
