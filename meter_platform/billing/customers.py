@@ -16,6 +16,7 @@ import psycopg
 
 from meter_platform.billing.invoice import rfc3339
 from meter_platform.billing.periods import Subscription, period_key
+from meter_platform.capture.envelope import parse_timestamp
 from meter_platform.catalog.plans import Plan
 from meter_platform.errors import Conflict, InvalidRequest, NotFound
 
@@ -131,8 +132,6 @@ def put_customer(
 
 def parse_instant(value: Any, name: str) -> datetime:
     """An RFC 3339 instant from a request body, or InvalidRequest naming the field."""
-    from meter_platform.capture.envelope import parse_timestamp
-
     try:
         if not isinstance(value, str):
             raise ValueError("must be an RFC 3339 string with an offset")
