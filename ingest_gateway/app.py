@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ingest_gateway import auth, billing, events, meters, quarantine, status
+from ingest_gateway import auth, billing, events, meters, metrics, peers, quarantine, status, webhooks
 from ingest_gateway.gateway import Gateway
 from ingest_gateway.http import ApiError, json_response
 from ingest_gateway.openapi import docs_page, openapi_json
@@ -63,6 +63,10 @@ ROUTES = [
     # the API description (public)
     Route("/openapi.json", openapi_json, methods=["GET"]),
     Route("/docs", docs_page, methods=["GET"]),
+    # signed webhooks, Prometheus metrics, and the peers' ingest APIs under their own prefixes
+    *webhooks.ROUTES,
+    *metrics.ROUTES,
+    *peers.ROUTES,
 ]
 
 

@@ -48,6 +48,10 @@ READ = frozenset({"read", "admin"})
 ADMIN = frozenset({"admin"})
 #: Routes anyone may call (outside /v1 everything is public: /healthz, /readyz, /openapi.json, /docs).
 PUBLIC = frozenset({"/v1/healthz", "/v1/readyz"})
+#: Routes that check a signature of their own instead of an API key (inbound webhooks).
+SIGNED = "/v1/webhooks/"
+#: The peers' ingest APIs, served under their own prefixes (ingest_gateway/peers).
+PEER_PREFIXES = ("/openmeter/", "/lago/", "/stripe/")
 #: Listings whose ``customer_id`` parameter a customer-bound key has forced to its customer.
 _CUSTOMER_FILTERED = ("/v1/invoices", "/v1/invoices.csv", "/v1/quarantine")
 #: At most this many keys looked up outside the snapshot (unknown ones too) are remembered.
@@ -63,7 +67,10 @@ _CURRENT: contextvars.ContextVar[tuple[Caller, Access] | None] = contextvars.Con
 
 def allowed_scopes(method: str, path: str) -> frozenset[str] | None:
     """The scopes that may call ``method path`` (None: public)."""
-    if not path.startswith("/v1/") or path in PUBLIC:
+    if path.startswith(PEER_PREFIXES):
+        # The peers' ingest APIs (their SDKs send our key as their own): writes ingest, reads read.
+        return READ if method in ("GET", "HEAD") else INGEST
+    if not path.startswith("/v1/") or path in PUBLIC or path.startswith(SIGNED):
         return None
     if path == "/v1/events" and method == "POST":
         return INGEST
@@ -351,6 +358,10 @@ async def _scope_to_customer(gw: Gateway, scope: Scope, customer_id: str, allowe
         raise ApiError(403, "A key bound to a customer may not call administrative routes.")
     if allowed == INGEST:
         return  # each event's customer is checked by admit_events
+    if path.startswith(PEER_PREFIXES):
+        raise ApiError(
+            403, "A key bound to a customer reads through the /v1 routes, not the compatible APIs."
+        )
     if path in _CUSTOMER_FILTERED or (path.startswith("/v1/meters/") and path.endswith("/usage")):
         params = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
         asked = {v for k, v in params if k == "customer_id" and v}

@@ -420,6 +420,13 @@ def document() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for (path, method), operation in OPERATIONS.items():
         paths.setdefault(path, {})[method] = {"operationId": f"{method} {path}", **operation}
+    # Route groups that describe their own operations (imported here: they import this module's helpers).
+    from ingest_gateway import metrics, peers, webhooks
+
+    for group in (webhooks.OPENAPI_PATHS, metrics.OPENAPI_PATHS, peers.openapi_paths()):
+        for path, operations in group.items():
+            for method, operation in operations.items():
+                paths.setdefault(path, {})[method] = {"operationId": f"{method} {path}", **operation}
     responses = {
         f"E{code}": {"description": text, "content": {JSON: {"schema": _ref("Error")}}}
         for code, text in _ERROR_TEXT.items()
