@@ -46,7 +46,8 @@ def _defs(nats_url: str, database_url: str) -> Definitions:
     )
 
 
-def test_sensor_skips_an_empty_stream_and_requests_a_run_for_a_backlog(nats_server):
+def test_sensor_skips_an_empty_stream_and_requests_a_run_for_a_backlog(nats_server, monkeypatch):
+    monkeypatch.setenv("METER_WARM_RUNS", "0")  # runs only while events wait
     instance = DagsterInstance.ephemeral()
     context = build_sensor_context(instance=instance, resources={"nats": NatsResource(url=nats_server.url)})
     result = jetstream_backlog_sensor(context)
@@ -62,7 +63,8 @@ def test_sensor_skips_an_empty_stream_and_requests_a_run_for_a_backlog(nats_serv
     assert context.cursor == "2"
 
 
-def test_sensor_respects_the_concurrent_run_limit(nats_server, database_url):
+def test_sensor_respects_the_concurrent_run_limit(nats_server, database_url, monkeypatch):
+    monkeypatch.setenv("METER_WARM_RUNS", "0")
     instance = DagsterInstance.ephemeral()
     job = _defs(nats_server.url, database_url).resolve_job_def("ingest_microbatch_job")
     publish(nats_server.url, api_call("busy"))
@@ -171,6 +173,7 @@ def test_sensor_requests_a_successor_before_a_busy_run_runs_out_of_time(
 ):
     from meter_platform.defs.ingestion import sensors
 
+    monkeypatch.setenv("METER_WARM_RUNS", "0")
     instance = DagsterInstance.ephemeral()
     job = _defs(nats_server.url, database_url).resolve_job_def("ingest_microbatch_job")
     instance.create_run_for_job(job, status=DagsterRunStatus.STARTED)
@@ -202,3 +205,39 @@ def run_drain_all(nats_url: str, database_url: str) -> None:
     from tests.helpers import run_drain
 
     run_drain(nats_url, database_url, load_catalog(EXAMPLE_CATALOG_DIR))
+
+
+def test_sensor_keeps_a_warm_run_ready_and_hands_over_before_its_budget_ends(nats_server, database_url):
+    """With warm runs on (the default), a run is requested on an empty stream, configured to stay for
+    its budget; while it is young nothing more is requested; near its end, a warm successor is."""
+    from meter_platform.defs.ingestion import sensors
+
+    instance = DagsterInstance.ephemeral()
+    job = _defs(nats_server.url, database_url).resolve_job_def("ingest_microbatch_job")
+
+    def evaluate():
+        context = build_sensor_context(
+            instance=instance, resources={"nats": NatsResource(url=nats_server.url)}
+        )
+        return jetstream_backlog_sensor(context)
+
+    result = evaluate()
+    assert isinstance(result, RunRequest) and result.tags[sensors.WARM_TAG] == "true"
+    config = result.run_config["ops"]["ingest_microbatches"]["config"]
+    assert config["max_seconds"] == config["idle_seconds"] == 1800
+    assert int(result.tags["dagster/max_runtime"]) > 1800  # run monitoring must not cancel it early
+
+    warm_tags = {sensors.WARM_TAG: "true", sensors.BUDGET_TAG: "1800"}
+    instance.create_run_for_job(job, status=DagsterRunStatus.STARTED, tags=warm_tags)
+    result = evaluate()
+    assert isinstance(result, SkipReason) and "no events waiting" in (result.skip_message or "")
+
+    instance.create_run_for_job(
+        job, status=DagsterRunStatus.STARTED, tags={**warm_tags, sensors.BUDGET_TAG: "30"}
+    )
+    instance.delete_run(
+        next(r for r in instance.get_runs() if r.tags.get(sensors.BUDGET_TAG) == "1800").run_id
+    )
+    result = evaluate()  # the only warm run is within a minute of its 30 s budget
+    assert isinstance(result, RunRequest)
+    assert result.tags[sensors.WARM_TAG] == "true" and result.tags["meter/handoff"] == "true"

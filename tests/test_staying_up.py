@@ -191,6 +191,7 @@ def test_runs_left_started_with_no_process_behind_them_do_not_stall_ingestion(
 
     monkeypatch.setenv("METER_RUN_STALE_SECONDS", "2")
     monkeypatch.setenv("METER_RUN_START_GRACE_SECONDS", "1")
+    monkeypatch.setenv("METER_WARM_RUNS", "0")  # the runs here are busy runs; no warm one is wanted
     instance = DagsterInstance.ephemeral()
     job = _ingest_job(nats_server.url, database_url)
     publish(nats_server.url, api_call("z1"))

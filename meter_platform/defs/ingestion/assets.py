@@ -34,10 +34,6 @@ JETSTREAM_EVENTS = AssetSpec(
 )
 
 
-#: A run's time budget: then it stops, and the sensor has already requested its successor.
-RUN_SECONDS = DrainSettings.max_seconds
-
-
 class DrainConfig(Config):
     """How long one run drains, and in what batch size (defaults: :class:`DrainSettings`)."""
 
