@@ -1,5 +1,5 @@
 """The user's catalog: the YAML files in ``METER_CATALOG_DIR`` — event types and meters (``loader``),
-alert channels (``alerts``) — each checked at load with every mistake listed at once."""
+alert channels (``alerts``), inbound webhooks (``webhooks``) — each checked at load with every mistake listed at once."""
 
 from meter_platform.catalog.loader import (
     AGGREGATIONS,
@@ -12,6 +12,7 @@ from meter_platform.catalog.loader import (
     PropertySpec,
     load_catalog,
 )
+from meter_platform.catalog.webhooks import WebhookSource
 
 __all__ = [
     "AGGREGATIONS",
@@ -22,5 +23,6 @@ __all__ = [
     "EventTypeSpec",
     "Meter",
     "PropertySpec",
+    "WebhookSource",
     "load_catalog",
 ]

@@ -1,4 +1,5 @@
-"""The user's catalog: meters (``meters.yaml``), event types (``events.yaml``) and plans (``plans.yaml``).
+"""The user's catalog: meters (``meters.yaml``), event types (``events.yaml``), plans (``plans.yaml``) and
+inbound webhooks (``webhooks.yaml``).
 
 Loaded and checked once at start-up; every mistake is reported with the file, the item and what to do,
 so a bad catalog stops the platform before any event is metered against it.
@@ -14,6 +15,7 @@ from typing import Any
 import yaml
 
 from meter_platform.catalog.plans import Plan, PlanError, load_plans
+from meter_platform.catalog.webhooks import WEBHOOKS_FILE, WebhookSource, load_webhooks
 
 AGGREGATIONS = ("count", "sum", "min", "max", "avg", "unique_count", "latest")
 #: Aggregations that need a numeric ``value_property``.
@@ -87,6 +89,7 @@ class Catalog:
     accept_unknown_event_types: bool = False
     directory: Path | None = None  # where it was loaded from (other files of the catalog live there)
     plans: dict[str, Plan] = field(default_factory=dict)  # plans.yaml, by key (none without the file)
+    webhooks: dict[str, WebhookSource] = field(default_factory=dict)  # webhooks.yaml, by source name
 
     def meter(self, slug: str) -> Meter | None:
         """The meter with that slug, or None."""
@@ -261,7 +264,8 @@ def _parse_meter_filter(where: str, filt_raw: Any, errors: list[str]) -> dict[st
 
 
 def load_catalog(catalog_dir: Path) -> Catalog:
-    """Load ``events.yaml`` and ``meters.yaml`` from ``catalog_dir``; raise CatalogError listing every problem."""
+    """Load ``events.yaml`` and ``meters.yaml`` (and ``plans.yaml``, ``webhooks.yaml`` when present) from
+    ``catalog_dir``; raise CatalogError listing every problem."""
     errors: list[str] = []
     events_data = _read_yaml(catalog_dir / "events.yaml")
     meters_data = _read_yaml(catalog_dir / "meters.yaml")
@@ -280,6 +284,7 @@ def load_catalog(catalog_dir: Path) -> Catalog:
         plans = load_plans(catalog_dir / "plans.yaml", {m.slug: m for m in meters if m is not None})
     except PlanError as exc:
         errors.extend(exc.problems or (str(exc),))
+    webhooks = load_webhooks(catalog_dir / WEBHOOKS_FILE, None if accept_unknown else event_types, errors)
     if errors:
         raise CatalogError(
             f"The catalog in {catalog_dir} has {len(errors)} problem(s):\n  - " + "\n  - ".join(errors)
@@ -290,4 +295,5 @@ def load_catalog(catalog_dir: Path) -> Catalog:
         accept_unknown_event_types=accept_unknown,
         directory=catalog_dir,
         plans=plans,
+        webhooks=webhooks,
     )
