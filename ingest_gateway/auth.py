@@ -52,6 +52,9 @@ PUBLIC = frozenset({"/v1/healthz", "/v1/readyz"})
 SIGNED = "/v1/webhooks/"
 #: The peers' ingest APIs, served under their own prefixes (ingest_gateway/peers).
 PEER_PREFIXES = ("/openmeter/", "/lago/", "/stripe/")
+#: A peer API whose SDK reads only its own error shape registers it here, by path prefix: the key
+#: checks' 401/403/429 under that prefix are answered in it (default: the contract's error shape).
+PEER_ERROR_BODIES: dict[str, Callable[[ApiError], Any]] = {}
 #: Listings whose ``customer_id`` parameter a customer-bound key has forced to its customer.
 _CUSTOMER_FILTERED = ("/v1/invoices", "/v1/invoices.csv", "/v1/quarantine")
 #: At most this many keys looked up outside the snapshot (unknown ones too) are remembered.
@@ -283,7 +286,8 @@ class AuthMiddleware:
         try:
             caller = await self._check(gw, scope, allowed)
         except ApiError as exc:
-            body = {"error": exc.error, "details": exc.details}
+            shape = next((f for p, f in PEER_ERROR_BODIES.items() if path.startswith(p)), None)
+            body = shape(exc) if shape else {"error": exc.error, "details": exc.details}
             await json_response(body, status=exc.status, headers=exc.headers)(scope, receive, send)
             return
         scope[SCOPE_KEY] = caller
