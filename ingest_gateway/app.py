@@ -25,6 +25,7 @@ from starlette.routing import Route
 from ingest_gateway import auth, billing, events, meters, metrics, peers, quarantine, status, webhooks
 from ingest_gateway.gateway import Gateway
 from ingest_gateway.http import ApiError, json_response
+from ingest_gateway.metrics_http import RequestMetrics
 from ingest_gateway.openapi import docs_page, openapi_json
 from meter_platform.catalog import Catalog, load_catalog
 from meter_platform.config import Settings, load_settings
@@ -113,7 +114,10 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
     return Starlette(
         routes=list(ROUTES),
         lifespan=lifespan,
-        middleware=[Middleware(auth.AuthMiddleware)],  # API keys on every /v1 route
+        middleware=[
+            Middleware(RequestMetrics),  # outermost: counts the requests auth refuses too
+            Middleware(auth.AuthMiddleware),  # API keys on every /v1 route
+        ],
         exception_handlers={
             ApiError: _api_error,
             PlatformError: _platform_error,

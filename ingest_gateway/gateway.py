@@ -21,6 +21,7 @@ from starlette.requests import Request
 
 from ingest_gateway.health import DEPENDENCY_TIMEOUT, Dependency, NoAnswer, PublishOutcomes
 from ingest_gateway.http import ApiError
+from ingest_gateway.metrics_http import publish_failed, publish_succeeded
 from meter_platform.capture import jetstream
 from meter_platform.capture.envelope import (
     Event,
@@ -104,6 +105,7 @@ class Gateway:
         if self.before_publish is not None:
             self.before_publish(events)
         if not self.nc.is_connected:
+            publish_failed("not_connected", len(events))
             raise ApiError(
                 503,
                 "The event broker is unreachable; nothing was stored. Retry shortly.",
@@ -111,6 +113,7 @@ class Gateway:
             )
         request_id = new_event_id()
         payloads = self._chunks(events, received_us)
+        started = time.perf_counter()
         try:
             acks = await asyncio.gather(
                 *(
@@ -128,6 +131,7 @@ class Gateway:
             log.warning("JetStream did not confirm a publish: %r", exc)
             detail = str(exc) or type(exc).__name__
             self.publishes.failed(detail)
+            publish_failed("not_confirmed", len(events))
             raise ApiError(
                 503,
                 "Events could not be made durable (broker unavailable or stream full); "
@@ -138,6 +142,7 @@ class Gateway:
                 headers={"Retry-After": "1"},
             ) from exc
         self.publishes.succeeded()
+        publish_succeeded(len(events), time.perf_counter() - started)
         log.debug("stored %d events in %d message(s), last seq %s", len(events), len(acks), acks[-1].seq)
 
     # --- read side -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ The one definition for ``meter up`` (:mod:`meter_platform.runtime.up`) and for t
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,13 +20,34 @@ def bin_dir() -> Path:
     return Path(sys.executable).parent
 
 
+#: prometheus_client's multiprocess mode: each worker writes its metrics to files in this folder.
+PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def gateway_workers() -> int:
+    """``METER_GATEWAY_WORKERS`` (uvicorn's ``--workers``), else 1."""
+    return int(os.environ.get("METER_GATEWAY_WORKERS", "1"))
+
+
+def gateway_env(env: dict[str, str], data_dir: Path, workers: int | None = None) -> dict[str, str]:
+    """The gateway's environment: with several workers, ``PROMETHEUS_MULTIPROC_DIR`` names a fresh,
+    empty folder under ``data_dir``, so ``GET /metrics`` adds up every worker's counters (each worker
+    counts only the requests it serves) and none are left from an earlier start."""
+    if (workers if workers is not None else gateway_workers()) <= 1:
+        return env
+    folder = data_dir / "prometheus"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return {**env, PROMETHEUS_MULTIPROC_DIR: str(folder)}
+
+
 def gateway_command(host: str, port: int, workers: int | str | None = None) -> list[str]:
     """uvicorn serving the gateway on ``host:port``.
 
     ``workers`` is uvicorn's ``--workers``; by default ``METER_GATEWAY_WORKERS``, else 1.
     """
     if workers is None:
-        workers = os.environ.get("METER_GATEWAY_WORKERS", "1")
+        workers = gateway_workers()
     return [
         str(bin_dir() / "uvicorn"),
         "--factory",

@@ -27,6 +27,7 @@ from meter_platform.runtime.launch import (
     dagster_daemon_command,
     dagster_webserver_command,
     gateway_command,
+    gateway_env,
     platform_env,
 )
 from meter_platform.runtime.servers import (
@@ -209,7 +210,7 @@ def _start_services(
     platform._spawn(
         "gateway",
         gateway_command(settings.gateway_host, settings.gateway_port),
-        env,
+        gateway_env(env, settings.data_dir),
         port=settings.gateway_port,
     )
     workspace = str(dagster_home().parent / "workspace.yaml")

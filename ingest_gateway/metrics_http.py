@@ -1,0 +1,126 @@
+"""The gateway's own Prometheus instruments: requests by route template, and publishes to JetStream.
+
+They live in prometheus_client's default registry, so ``GET /metrics`` serves them with anything else
+registered there (e.g. the webhooks' rejection counter). When ``PROMETHEUS_MULTIPROC_DIR`` is set
+before this module is imported (``meter up`` does it when the gateway runs several workers), each
+worker writes its values to files in that folder and ``/metrics`` adds up every worker's, whichever
+worker answers the scrape.
+
+This module imports nothing of the gateway, so :mod:`ingest_gateway.gateway` can call its hooks.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+#: Request durations: a publish waits for JetStream's fsync (milliseconds); reads may take seconds.
+_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+HTTP_REQUESTS = Counter(
+    "meter_http_requests",
+    "HTTP requests answered by the gateway, by route template (not the raw path), method and status.",
+    ["route", "method", "status"],
+)
+HTTP_SECONDS = Histogram(
+    "meter_http_request_duration_seconds",
+    "Time from a request's arrival to the end of its answer, by route template and method.",
+    ["route", "method"],
+    buckets=_SECONDS_BUCKETS,
+)
+EVENTS_ACCEPTED = Counter(
+    "meter_events_accepted",
+    "Events made durable: JetStream acknowledged (fsync'd) them and the client got a 202.",
+)
+PUBLISH_SECONDS = Histogram(
+    "meter_publish_seconds",
+    "Latency of one request's publish to JetStream, until every message of it is acknowledged.",
+    buckets=_SECONDS_BUCKETS,
+)
+PUBLISH_FAILURES = Counter(
+    "meter_publish_failures",
+    "Publishes that JetStream did not confirm (the client got a 503 and must retry), by reason: "
+    "not_connected (no connection to NATS) or not_confirmed (no ack: timeout, stream full, error).",
+    ["reason"],
+)
+PUBLISH_FAILED_EVENTS = Counter(
+    "meter_publish_failed_events",
+    "Events in publishes that JetStream did not confirm (answered 503; the client retries them).",
+)
+
+#: The route label of a request that matched no route (404): one label, whatever the path.
+UNMATCHED = "unmatched"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_CONVERTER = re.compile(r"\{(\w+):\w+\}")
+
+
+def publish_succeeded(events: int, seconds: float) -> None:
+    """Hook for the publish path: ``events`` are durable; the publish took ``seconds``."""
+    EVENTS_ACCEPTED.inc(events)
+    PUBLISH_SECONDS.observe(seconds)
+
+
+def publish_failed(reason: str, events: int) -> None:
+    """Hook for the publish path: JetStream did not confirm a publish of ``events`` events."""
+    PUBLISH_FAILURES.labels(reason).inc()
+    PUBLISH_FAILED_EVENTS.inc(events)
+
+
+def route_label(route: BaseRoute) -> str:
+    """The route's path template without converters: ``/v1/events/{event_id}``."""
+    path = getattr(route, "path", None) or type(route).__name__
+    return _CONVERTER.sub(r"{\1}", path)
+
+
+def route_of(scope: Scope) -> str:
+    """The template of the route that took (or refused with 405) this request, else ``unmatched``.
+
+    Labels are templates so that ids in paths do not make a time series each.
+    """
+    app = scope.get("app")
+    routes: list[BaseRoute] = list(getattr(getattr(app, "router", None), "routes", []))
+    partial = None
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return route_label(route)
+        if match is Match.PARTIAL and partial is None:
+            partial = route  # the path matched but not the method: the answer is a 405
+    return route_label(partial) if partial is not None else UNMATCHED
+
+
+class RequestMetrics:
+    """ASGI middleware counting every HTTP request by route template, method and status.
+
+    Outermost of the app's middleware, so requests refused by the API-key check (401/403/429) are
+    counted too. A request whose handler raised is counted as the 500 it is answered with.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status: dict[str, Any] = {"code": 500}
+
+        async def send_and_note(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = route_of(scope)
+            method = scope.get("method", "")
+            method = method if method in _METHODS else "other"
+            HTTP_REQUESTS.labels(route, method, str(status["code"])).inc()
+            HTTP_SECONDS.labels(route, method).observe(time.perf_counter() - started)
