@@ -22,10 +22,17 @@ def drain_child(args: argparse.Namespace) -> int:
     """``--role drain``: run the pipeline's drain() until SIGTERM, timing the writer's batches."""
     from meter_platform.catalog import load_catalog
     from meter_platform.config import DrainSettings, load_settings
+    from meter_platform.ingestion.counts import BatchCounts
     from meter_platform.ingestion.drain import drain
-    from meter_platform.ingestion.writer import BatchCounts, MicroBatchWriter
+    from meter_platform.ingestion.writer import MicroBatchWriter
 
-    stats = {"batches": 0, "messages": 0, "events": 0, "write_seconds": 0.0, "empty_fetches": 0}
+    stats: dict[str, float] = {
+        "batches": 0,
+        "messages": 0,
+        "events": 0,
+        "write_seconds": 0.0,
+        "empty_fetches": 0,
+    }
     stats_file = Path(args.stats_file)
     original = MicroBatchWriter.write
 
@@ -47,6 +54,13 @@ def drain_child(args: argparse.Namespace) -> int:
         return counts
 
     MicroBatchWriter.write = timed_write  # type: ignore[method-assign]
+
+    def on_batch(counts: BatchCounts) -> None:
+        # Seconds per pipeline stage (fetch ... ack), summed: where the next bottleneck is.
+        for stage, seconds in counts.stages.items():
+            stats[f"stage_{stage}"] = stats.get(f"stage_{stage}", 0.0) + seconds
+        _write_stats(stats_file, stats)
+
     catalog = load_catalog(load_settings().catalog_dir)
     settings = DrainSettings(batch_size=args.drain_batch, max_seconds=1e9, idle_seconds=1e9)
 
@@ -55,7 +69,9 @@ def drain_child(args: argparse.Namespace) -> int:
         assert task is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         with contextlib.suppress(asyncio.CancelledError):
-            await drain(args.nats_url, args.database_url, catalog, settings, run_id="bench")
+            await drain(
+                args.nats_url, args.database_url, catalog, settings, run_id="bench", on_batch=on_batch
+            )
 
     asyncio.run(main())
     return 0

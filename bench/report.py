@@ -168,6 +168,7 @@ def print_e2e(stages: list[E2EResult], args: argparse.Namespace) -> None:
             f"({write_rate:,.0f} events/s while writing); CPU {fmt_cpu(s.cpu)}"
             + (f"; errors {s.errors}" if s.errors else "")
         )
+        print(f"  {s.name}: {_stage_line(d)}")
         if d.get("empty_fetches"):
             print(
                 f"  {s.name}: WARNING drain() passed {d['empty_fetches']:.0f} empty fetch(es) to the writer, "
@@ -177,3 +178,17 @@ def print_e2e(stages: list[E2EResult], args: argparse.Namespace) -> None:
             print(
                 f"  {s.name}: ERROR the drain process exited with code {s.drain_exit}; see drain.log (--keep)"
             )
+
+
+def _stage_line(drain: dict[str, float]) -> str:
+    """The drain's time per pipeline stage, per batch and as a share of the whole: the next bottleneck."""
+    from meter_platform.ingestion.timing import STAGES
+
+    seconds = {stage: drain.get(f"stage_{stage}", 0.0) for stage in STAGES}
+    total, batches = sum(seconds.values()), drain.get("batches", 0)
+    if not total or not batches:
+        return "time per stage: no batches"
+    parts = [
+        f"{stage} {1000 * s / batches:.1f} ms ({100 * s / total:.0f}%)" for stage, s in seconds.items() if s
+    ]
+    return "time per batch by stage: " + ", ".join(parts)

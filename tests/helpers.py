@@ -11,8 +11,8 @@ import msgspec
 from meter_platform.capture import jetstream
 from meter_platform.catalog import Catalog
 from meter_platform.config import EVENTS_SUBJECT_PREFIX, DrainSettings
+from meter_platform.ingestion.counts import BatchCounts
 from meter_platform.ingestion.drain import drain
-from meter_platform.ingestion.writer import BatchCounts
 from meter_platform.storage import db
 
 #: A recent event time (events older than the allowed lateness, 35 days, are quarantined).

@@ -87,3 +87,17 @@ def test_a_warm_drain_takes_events_arriving_after_a_quiet_spell(nats_server, dat
     finally:
         stop.set()
         worker.join(10)
+
+
+def test_a_drain_reports_where_its_time_went_stage_by_stage(nats_server, database_url, catalog, clean):
+    """Every pipeline stage of every batch is timed (the bench prints the shares), and the stages are
+    the whole batch: none is left out when nothing is quarantined or nothing aggregated."""
+    from meter_platform.ingestion.timing import STAGES
+    from tests.helpers import run_drain
+
+    publish(nats_server.url, [api_call("t1"), api_call("t2"), api_call(None, customer="")])
+    counts = run_drain(nats_server.url, database_url, catalog)
+    assert counts.batches >= 1 and counts.stored == 2 and counts.quarantined == 1
+    assert set(counts.stages) == set(STAGES)
+    assert all(seconds >= 0 for seconds in counts.stages.values())
+    assert counts.stages["commit"] > 0 and counts.stages["insert"] > 0

@@ -19,7 +19,8 @@ from meter_platform.capture.jetstream import connect, ensure_stream_and_consumer
 from meter_platform.capture.messages import from_nats
 from meter_platform.catalog import Catalog
 from meter_platform.config import CONSUMER_NAME, STREAM_NAME, DrainSettings
-from meter_platform.ingestion.writer import BatchCounts, MicroBatchWriter
+from meter_platform.ingestion.counts import BatchCounts
+from meter_platform.ingestion.writer import MicroBatchWriter
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ async def drain(
                         "drain stopped: its run is gone; what it fetched and did not ack is redelivered"
                     )
                     break
+                fetch_began = time.perf_counter()
                 try:
                     fetched = await sub.fetch(settings.batch_size, timeout=settings.fetch_timeout)
                 except (NatsTimeoutError, TimeoutError):
@@ -73,6 +75,7 @@ async def drain(
                 if not fetched:  # nats-py can return an empty fetch on a stale pull status
                     continue
                 last_seen = time.monotonic()
+                fetch_seconds = time.perf_counter() - fetch_began  # includes waiting for the first message
                 messages = [from_nats(m, stream_created) for m in fetched]
                 # Steps 2-4, off the event loop so the NATS connection stays responsive.
                 counts = await asyncio.to_thread(writer.write, messages, run_id)
@@ -80,9 +83,12 @@ async def drain(
                     raise RuntimeError("simulated crash between commit and ack")
                 # 5. Only now, after the commit, ack. A crash before this line means redelivery, which
                 # step 3a turns into a no-op.
+                ack_began = time.perf_counter()
                 for m in fetched:
                     await m.ack()
                 await nc.flush()
+                counts.stages["fetch"] = fetch_seconds
+                counts.stages["ack"] = time.perf_counter() - ack_began
                 total.add(counts)
                 if on_batch is not None:
                     on_batch(counts)

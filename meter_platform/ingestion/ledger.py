@@ -17,7 +17,7 @@ import psycopg
 from meter_platform.capture.messages import Message
 
 if TYPE_CHECKING:
-    from meter_platform.ingestion.writer import BatchCounts
+    from meter_platform.ingestion.counts import BatchCounts
 
 
 def claim(cur: psycopg.Cursor, messages: list[Message], run_id: str | None) -> tuple[int, set[int]]:

@@ -32,7 +32,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TypeVar
 
@@ -44,6 +43,8 @@ from meter_platform.capture.messages import EventRows, Failure, Message, Rejecte
 from meter_platform.catalog import Catalog
 from meter_platform.config import load_ingestion_settings
 from meter_platform.ingestion import ledger
+from meter_platform.ingestion.counts import BatchCounts
+from meter_platform.ingestion.timing import StageClock
 from meter_platform.ingestion.validation import validate_event_type
 from meter_platform.meters.aggregates import active_meters, aggregate_upsert_sql
 from meter_platform.storage import db
@@ -53,37 +54,6 @@ log = logging.getLogger(__name__)
 
 _json = msgspec.json.Encoder()
 T = TypeVar("T")
-
-
-@dataclass
-class BatchCounts:
-    """What one micro-batch (or a whole run) did."""
-
-    messages: int = 0
-    events: int = 0
-    stored: int = 0
-    duplicates: int = 0
-    quarantined: int = 0
-    redelivered: int = 0  # messages skipped because an earlier batch had committed them
-    first_seq: int | None = None
-    last_seq: int | None = None
-    batches: int = 0
-
-    def add(self, other: BatchCounts) -> None:
-        """Fold another batch's counts into these."""
-        for name in ("messages", "events", "stored", "duplicates", "quarantined", "redelivered", "batches"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        if other.first_seq is not None:
-            self.first_seq = (
-                other.first_seq if self.first_seq is None else min(self.first_seq, other.first_seq)
-            )
-        if other.last_seq is not None:
-            self.last_seq = other.last_seq if self.last_seq is None else max(self.last_seq, other.last_seq)
-
-    @property
-    def balanced(self) -> bool:
-        """Every event is stored, a duplicate or quarantined."""
-        return self.events == self.stored + self.duplicates + self.quarantined
 
 
 def _iso(ts: datetime | str) -> str:
@@ -230,10 +200,12 @@ class MicroBatchWriter:
         """Decode, validate and commit one micro-batch (steps 2-4); the caller acks afterwards."""
         if not messages:
             return BatchCounts()
+        clock = StageClock()
         rows, bad = EventRows(), list[Rejected]()
         per_msg_events: dict[int, int] = {}
         for msg in messages:
             decode_message(msg, rows, bad, per_msg_events)
+        clock.lap("decode")
         # Inside one batch the first occurrence of an id wins; the others are duplicates (3b).
         seen: set[str] = set()
         keep = []
@@ -250,10 +222,13 @@ class MicroBatchWriter:
                     seen.add(q.event_id)
                 unique_bad.append(q)
         valid = self.validate(rows, unique_bad)
+        clock.lap("validate")
         # Nothing committed on a deadlock: the messages stay un-acked and are redelivered if it persists.
-        return self.retrying(
-            lambda: self._commit(messages, per_msg_events, valid, unique_bad, run_id), "micro-batch"
+        counts = self.retrying(
+            lambda: self._commit(messages, per_msg_events, valid, unique_bad, run_id, clock), "micro-batch"
         )
+        counts.stages = clock.seconds
+        return counts
 
     def insert_raw(
         self, cur: psycopg.Cursor, rows: EventRows, claimed: set[int] | None = None
@@ -320,6 +295,7 @@ class MicroBatchWriter:
         rows: EventRows,
         bad: list[Rejected],
         run_id: str | None,
+        clock: StageClock,
     ) -> BatchCounts:
         conn = self.connection()
         counts = BatchCounts(messages=len(messages), batches=1)
@@ -327,6 +303,7 @@ class MicroBatchWriter:
             cur = conn.cursor()
             # 3a. Claim the messages; those already in the ledger belong to an earlier commit.
             batch_id, claimed = ledger.claim(cur, messages, run_id)
+            clock.lap("claim")
             counts.redelivered = len(messages) - len(claimed)
             if not claimed:
                 ledger.drop_batch(cur, batch_id)
@@ -334,11 +311,14 @@ class MicroBatchWriter:
                 return counts
             # 3b. Raw events, deduplicated by id against everything stored before.
             stored = self.insert_raw(cur, rows, claimed)
+            clock.lap("insert")
             # 3c. Quarantine, unless the id is stored already (then it is a duplicate).
             quarantined = self.quarantine(cur, [q for q in bad if q.seq in claimed])
+            clock.lap("quarantine")
             # 3d. Aggregates from the newly stored rows only.
             if stored:
                 self.aggregate_new(conn)
+            clock.lap("aggregate")
             # 3e. The ledger: per message and per batch, events = stored + duplicates + quarantined.
             counts.messages = len(claimed)
             counts.first_seq, counts.last_seq = min(claimed), max(claimed)
@@ -349,7 +329,9 @@ class MicroBatchWriter:
                 counts.quarantined += qu
             counts.duplicates = counts.events - counts.stored - counts.quarantined
             ledger.record(cur, batch_id, messages[0].stream_created, per_message, counts)
+            clock.lap("ledger")
         # 4. Committed (leaving the `with` block commits the transaction).
+        clock.lap("commit")
         return counts
 
     def quarantine(self, cur: psycopg.Cursor, todo: list[Rejected]) -> dict[int, int]:

@@ -21,8 +21,8 @@ from dagster import (
 from meter_platform.config import DrainSettings
 from meter_platform.defs.ingestion.liveness import RunWatch
 from meter_platform.defs.resources import CatalogResource, NatsResource, PostgresResource
+from meter_platform.ingestion.counts import BatchCounts
 from meter_platform.ingestion.drain import drain
-from meter_platform.ingestion.writer import BatchCounts
 from meter_platform.storage import db
 
 JETSTREAM_EVENTS = AssetSpec(
