@@ -4,7 +4,8 @@ A message on the stream is either a gateway batch (header ``Meter-Batch``: one m
 ``GatewayBatch`` with the receive time and events whose ids and timestamps the gateway filled in) or
 an event published straight to NATS (one JSON object or an array; header ``Nats-Msg-Id`` optional).
 :func:`decode_message` turns either into columns of events (:class:`EventRows`) and rejections
-(:class:`Rejected`); the micro-batch writer and the gateway's lookup of pending events both use it, so an
+(:class:`Rejected`); a signed webhook delivery the gateway could not map (header ``Meter-Unmapped``:
+its id and reasons; the body is the raw delivery) is one rejection. The micro-batch writer and the gateway's lookup of pending events both use it, so an
 event gets the same id wherever it is read (an event published without one: the message's
 ``Nats-Msg-Id`` when it is alone in the message, else ``nats-<stream seq>-<index>``).
 """
@@ -167,11 +168,47 @@ def decode_item(
     return True
 
 
+#: A webhook delivery that mapped to no (or not every) event: JSON ``{"id", "event_type",
+#: "received_at", "reasons"}`` in this header, the raw delivery as the message's data.
+UNMAPPED_HEADER = "Meter-Unmapped"
+
+
+def unmapped_rejection(msg: Message, header: str) -> Rejected:
+    """The quarantined remains of an unmapped webhook delivery: its raw text with the gateway's
+    reasons. Kept without a JSON payload, so a quarantine replay leaves it (and its reasons) alone:
+    a webhook's body is not an event."""
+    received = us_to_datetime(msg.timestamp_us)
+    try:
+        info = msgspec.json.decode(header)
+        reasons = [Failure(str(r["field"]), str(r["reason"]), str(r["message"])) for r in info["reasons"]]
+        event_id, event_type = info.get("id"), info.get("event_type")
+        received = us_to_datetime(int(info["received_at"]))
+    except (msgspec.DecodeError, KeyError, TypeError, ValueError, AttributeError, OverflowError):
+        # Never lose a message over its header: keep it with what is known.
+        reasons = [
+            Failure("", "unmapped", f"an unmapped webhook delivery (unreadable header {header[:200]!r})")
+        ]
+        event_id, event_type = None, None
+    return Rejected(
+        event_id=event_id if isinstance(event_id, str) and 0 < len(event_id) <= 128 else None,
+        event_type=event_type if isinstance(event_type, str) else None,
+        customer_id=None,
+        received=received,
+        payload_text=msg.data.decode("utf-8", "replace"),
+        reasons=reasons or [Failure("", "unmapped", "the delivery mapped to no event")],
+        seq=msg.seq,
+    )
+
+
 def decode_message(
     msg: Message, rows: EventRows, bad: list[Rejected], per_msg_events: dict[int, int]
 ) -> None:
     """Append the message's events to ``rows`` (or ``bad``), counting them per message."""
     received = us_to_datetime(msg.timestamp_us)
+    if msg.headers and UNMAPPED_HEADER in msg.headers:
+        bad.append(unmapped_rejection(msg, msg.headers[UNMAPPED_HEADER]))
+        per_msg_events[msg.seq] = 1
+        return
     if msg.headers and BATCH_HEADER in msg.headers:
         batch = decode_batch(msg.data)
         received = us_to_datetime(batch.received_at)
