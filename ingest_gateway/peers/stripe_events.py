@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from starlette.responses import Response
@@ -116,33 +116,24 @@ class Problem:
 
 
 def exact_number(raw: Any) -> int | float:
-    """A meter value as an exact JSON number: an int when integral, else a float whose shortest form
-    is the very decimal sent. Raises ValueError with the reason otherwise."""
+    """A meter value as an exact JSON number: an int when integral (within 64 bits), else a float
+    whose shortest form is the very decimal sent. Raises ValueError with the reason otherwise."""
     if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
         raise ValueError("must be a number, e.g. 25 or 0.5")
-    if isinstance(raw, int):
-        if abs(raw) > _MAX_INT:
-            raise ValueError(f"must be at most {_MAX_INT} in absolute value")
-        return raw
-    if isinstance(raw, float):
-        if not math.isfinite(raw):
-            raise ValueError("must be a finite number")
-        return int(raw) if raw.is_integer() and abs(raw) <= _MAX_INT else raw
-    text = raw.strip()
+    # JSON numbers (v2) take the same path as strings: one rule whichever way the value came.
+    text = raw.strip() if isinstance(raw, str) else repr(raw)
     if not _NUMBER_RE.match(text):
-        raise ValueError("must be a number written in decimal digits, e.g. 25 or 0.5")
+        raise ValueError("must be a finite number written in decimal digits, e.g. 25 or 0.5")
     try:
         exact = Decimal(text)
-        if exact == exact.to_integral_value():
-            if abs(exact) > _MAX_INT:
-                raise ValueError(f"must be at most {_MAX_INT} in absolute value")
+        if exact == exact.to_integral_value() and abs(exact) <= _MAX_INT:
             return int(exact)
         number = float(exact)
         kept = math.isfinite(number) and Decimal(repr(number)) == exact
-    except (ArithmeticError, InvalidOperation) as exc:
-        raise ValueError("must be a number written in decimal digits, e.g. 25 or 0.5") from exc
+    except ArithmeticError as exc:  # decimal.InvalidOperation and the like
+        raise ValueError("must be a finite number written in decimal digits, e.g. 25 or 0.5") from exc
     if not kept:
-        raise ValueError("has more significant digits than can be kept exactly (send at most 15)")
+        raise ValueError("cannot be kept exactly as a number (send at most 15 significant digits)")
     return number
 
 

@@ -5,6 +5,7 @@ and exact in the usage API once drained into PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.parse
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import stripe
 
+from meter_platform.capture import jetstream
 from meter_platform.catalog import Catalog, load_catalog
 from tests.helpers import backlog, run_drain, scalar
 
@@ -216,3 +218,54 @@ def test_a_wrong_key_or_token_is_the_sdks_authentication_error(gateway_url, admi
     with pytest.raises(stripe.AuthenticationError):
         wrong.v2.billing.meter_event_session.create()
     assert published(nats_server.url) == 0
+
+
+def new_key(gateway_url: str, admin_key: str, **body: Any) -> str:
+    """A new API key made through POST /v1/keys."""
+    request = urllib.request.Request(
+        f"{gateway_url}/v1/keys",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {admin_key}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.load(answer)["key"]
+
+
+def test_keys_that_may_not_send_are_the_sdks_permission_error(gateway_url, admin_key, nats_server):
+    own = {"event_name": "api_requests", "payload": {"stripe_customer_id": "cus_X", "value": "1"}}
+    other = {"event_name": "api_requests", "payload": {"stripe_customer_id": "cus_Y", "value": "1"}}
+    reader = client(gateway_url, new_key(gateway_url, admin_key, scopes=["read"]))
+    with pytest.raises(stripe.PermissionError) as caught:  # refused by the key checks
+        reader.v1.billing.meter_events.create(own)
+    assert caught.value.http_status == 403
+    bound = client(gateway_url, new_key(gateway_url, admin_key, scopes=["ingest"], customer_id="cus_X"))
+    with pytest.raises(stripe.PermissionError):  # refused when the events are admitted
+        bound.v2.billing.meter_event_stream.create({"events": [own, other]})
+    assert published(nats_server.url) == 0
+    bound.v2.billing.meter_event_stream.create({"events": [own]})
+    assert bound.v1.billing.meter_events.create(own).payload.stripe_customer_id == "cus_X"
+    assert published(nats_server.url) == 2
+
+
+async def _limit_stream(url: str, max_msgs: int) -> None:
+    nc = await jetstream.connect(url, name="tests")
+    try:
+        config = jetstream.stream_config()
+        config.max_msgs = max_msgs
+        await nc.jetstream().update_stream(config)
+    finally:
+        await nc.close()
+
+
+def test_events_jetstream_cannot_keep_are_the_sdks_api_error_with_retry_after(
+    gateway_url, admin_key, nats_server
+):
+    asyncio.run(_limit_stream(nats_server.url, 1))
+    sdk = client(gateway_url, admin_key)
+    event = {"event_name": "api_requests", "payload": {"stripe_customer_id": "c", "value": "1"}}
+    sdk.v2.billing.meter_events.create(event)
+    with pytest.raises(stripe.APIError) as caught:
+        sdk.v2.billing.meter_events.create({**event, "identifier": "full"})
+    assert caught.value.http_status == 503 and caught.value.headers["retry-after"]
+    assert caught.value.json_body["error"]["type"] == "api_error"
