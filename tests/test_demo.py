@@ -30,7 +30,7 @@ from meter_platform.capture.envelope import (
 from meter_platform.cli import demo
 from meter_platform.ingestion.validation import validate_event_type
 from meter_platform.runtime.servers import free_port
-from tests.helpers import AUTH, api_call, publish, query, run_drain
+from tests.helpers import ADMIN_KEY, AUTH, api_call, publish, query, run_drain
 
 NOW = datetime(2025, 7, 24, 10, 30, 45, 123456, tzinfo=UTC)
 
@@ -312,7 +312,7 @@ def test_a_503_is_retried_with_the_same_ids_until_the_stream_has_room(
             run_drain(nats_server.url, database_url, catalog)
 
     async def send() -> demo.SendStats:
-        async with httpx.AsyncClient(base_url=gateway_url, timeout=30, headers=AUTH) as client:
+        async with demo.demo_client(gateway_url, ADMIN_KEY, concurrency=2) as client:
             return await demo.send_traffic(client, traffic, expectation, concurrency=2)
 
     drainer = threading.Thread(target=drain_until_stopped)

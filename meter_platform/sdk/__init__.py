@@ -46,7 +46,7 @@ from meter_platform.sdk.models import (
     Usage,
     UsageRow,
 )
-from meter_platform.sdk.retry import RetryPolicy
+from meter_platform.sdk.retry import RequestStats, RetryPolicy
 
 __all__ = [
     "Accepted",
@@ -72,6 +72,7 @@ __all__ = [
     "RateLimited",
     "RejectedEvents",
     "Rejection",
+    "RequestStats",
     "RetryPolicy",
     "StoredEvent",
     "StreamStatus",

@@ -22,7 +22,14 @@ from meter_platform.sdk.core import ClientCore, ErrorCallback
 from meter_platform.sdk.errors import ApiError, BufferFull, DeliveryError, NotFound
 from meter_platform.sdk.events import Encoded, batch_body, make_event, prepare
 from meter_platform.sdk.models import IngestStatus, Invoice, Meter, StoredEvent, Usage
-from meter_platform.sdk.retry import RETRY_EXCEPTIONS, RETRY_STATUSES, Attempts, RetryPolicy, outcome
+from meter_platform.sdk.retry import (
+    RETRY_EXCEPTIONS,
+    RETRY_STATUSES,
+    Attempts,
+    RequestStats,
+    RetryPolicy,
+    outcome,
+)
 
 _JSON = {"Content-Type": "application/json"}
 
@@ -33,12 +40,13 @@ async def request_with_retry(
     method: str,
     path: str,
     ids: Sequence[str] = (),
+    stats: RequestStats | None = None,
     **kwargs: Any,
 ) -> httpx.Response:
     """The async twin of :func:`meter_platform.sdk.client.request_with_retry`."""
-    attempts = Attempts(policy, list(ids), f"{method} {path}")
+    attempts = Attempts(policy, list(ids), f"{method} {path}", stats)
     while True:
-        attempts.count += 1
+        attempts.attempt()
         try:
             response = await http.request(method, path, **kwargs)
         except RETRY_EXCEPTIONS as exc:
@@ -135,7 +143,7 @@ class AsyncMeterClient(ClientCore):
         batch = [prepare(e) for e in events]
         if batch:
             await request_with_retry(
-                self._http, self.retry, "POST", "/v1/events", [e.id for e in batch],
+                self._http, self.retry, "POST", "/v1/events", [e.id for e in batch], self.stats,
                 content=batch_body(batch), headers=_JSON,
             )  # fmt: skip
         return [e.id for e in batch]
@@ -184,7 +192,7 @@ class AsyncMeterClient(ClientCore):
             return
         with httpx.Client(base_url=self.base_url, headers=self.headers(), timeout=self._timeout) as http:
             for start in range(0, len(leftover), self.batch_size):
-                post_batch(http, self.retry, leftover[start : start + self.batch_size])
+                post_batch(http, self.retry, leftover[start : start + self.batch_size], self.stats)
         self.buffer.take(self.buffer.queued)
         self._sending.clear()
 
@@ -212,7 +220,7 @@ class AsyncMeterClient(ClientCore):
         self._sending[key] = batch
         try:
             await request_with_retry(
-                self._http, self.retry, "POST", "/v1/events", [e.id for e in batch],
+                self._http, self.retry, "POST", "/v1/events", [e.id for e in batch], self.stats,
                 content=batch_body(batch), headers=_JSON,
             )  # fmt: skip
         except ApiError as exc:
@@ -240,7 +248,9 @@ class AsyncMeterClient(ClientCore):
 
     async def _get(self, path: str, params: Mapping[str, str] | None = None) -> bytes:
         self.check_open()
-        return (await request_with_retry(self._http, self.retry, "GET", path, params=params)).content
+        return (
+            await request_with_retry(self._http, self.retry, "GET", path, stats=self.stats, params=params)
+        ).content
 
     async def usage(
         self,

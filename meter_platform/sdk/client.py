@@ -16,22 +16,35 @@ from meter_platform.sdk.core import ClientCore, ErrorCallback
 from meter_platform.sdk.errors import ApiError, DeliveryError, MeterError, NotFound
 from meter_platform.sdk.events import Encoded, batch_body, make_event, prepare
 from meter_platform.sdk.models import IngestStatus, Invoice, Meter, StoredEvent, Usage
-from meter_platform.sdk.retry import RETRY_EXCEPTIONS, RETRY_STATUSES, Attempts, RetryPolicy, outcome
+from meter_platform.sdk.retry import (
+    RETRY_EXCEPTIONS,
+    RETRY_STATUSES,
+    Attempts,
+    RequestStats,
+    RetryPolicy,
+    outcome,
+)
 
 _JSON = {"Content-Type": "application/json"}
 
 
 def request_with_retry(
-    http: httpx.Client, policy: RetryPolicy, method: str, path: str, ids: Sequence[str] = (), **kwargs: Any
+    http: httpx.Client,
+    policy: RetryPolicy,
+    method: str,
+    path: str,
+    ids: Sequence[str] = (),
+    stats: RequestStats | None = None,
+    **kwargs: Any,
 ) -> httpx.Response:
     """One request, retried on 429/502/503/504 and transport failures within the policy's budget.
 
     Returns the 2xx answer; raises the typed ApiError of any other answer (never retried), or
     DeliveryError when the budget is spent. A retry sends the same body (the same event ids).
     """
-    attempts = Attempts(policy, list(ids), f"{method} {path}")
+    attempts = Attempts(policy, list(ids), f"{method} {path}", stats)
     while True:
-        attempts.count += 1
+        attempts.attempt()
         try:
             response = http.request(method, path, **kwargs)
         except RETRY_EXCEPTIONS as exc:
@@ -45,10 +58,13 @@ def request_with_retry(
         time.sleep(attempts.next_delay(error))
 
 
-def post_batch(http: httpx.Client, policy: RetryPolicy, batch: list[Encoded]) -> None:
+def post_batch(
+    http: httpx.Client, policy: RetryPolicy, batch: list[Encoded], stats: RequestStats | None = None
+) -> None:
     """POST one batch of events until the gateway accepts it (see request_with_retry)."""
+    ids = [e.id for e in batch]
     request_with_retry(
-        http, policy, "POST", "/v1/events", [e.id for e in batch], content=batch_body(batch), headers=_JSON
+        http, policy, "POST", "/v1/events", ids, stats, content=batch_body(batch), headers=_JSON
     )
 
 
@@ -129,7 +145,7 @@ class MeterClient(ClientCore):
         self.check_open()
         batch = [prepare(e) for e in events]
         if batch:
-            post_batch(self._http, self.retry, batch)
+            post_batch(self._http, self.retry, batch, self.stats)
         return [e.id for e in batch]
 
     def flush(self) -> None:
@@ -214,7 +230,7 @@ class MeterClient(ClientCore):
     def _deliver(self, batch: list[Encoded], background: bool) -> None:
         """Send one batch taken from the buffer and settle it: done, refused, or back in the queue."""
         try:
-            post_batch(self._http, self.retry, batch)
+            post_batch(self._http, self.retry, batch, self.stats)
         except ApiError as exc:
             self.refused(batch, exc)
             return
@@ -235,7 +251,9 @@ class MeterClient(ClientCore):
 
     def _get(self, path: str, params: Mapping[str, str] | None = None) -> bytes:
         self.check_open()
-        return request_with_retry(self._http, self.retry, "GET", path, params=params).content
+        return request_with_retry(
+            self._http, self.retry, "GET", path, stats=self.stats, params=params
+        ).content
 
     def usage(
         self,

@@ -29,7 +29,7 @@ from meter_platform.sdk.errors import (
 )
 from meter_platform.sdk.events import Encoded, format_timestamp
 from meter_platform.sdk.models import Invoice, Meter
-from meter_platform.sdk.retry import RetryPolicy
+from meter_platform.sdk.retry import RequestStats, RetryPolicy
 
 log = logging.getLogger("meter_platform.sdk")
 T = TypeVar("T")
@@ -138,6 +138,8 @@ class ClientCore:
         self.track_timeout = track_timeout
         self.retry = retry or RetryPolicy()
         self.on_error = on_error
+        #: Requests made and retried so far (all of this client's requests).
+        self.stats = RequestStats()
         self.buffer = EventBuffer(max_buffer)
         self.closed = False
         #: Batches refused for good since the last flush()/close() raised them.

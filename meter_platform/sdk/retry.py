@@ -9,6 +9,7 @@ resends the same body, with the same event ids, so the gateway counts each event
 from __future__ import annotations
 
 import random
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -85,16 +86,40 @@ def error_from_response(response: httpx.Response) -> ApiError:
     )
 
 
+class RequestStats:
+    """What a client's requests did so far: requests made (retries included) and retries."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.retries = 0
+        self._lock = threading.Lock()
+
+    def add(self, requests: int = 0, retries: int = 0) -> None:
+        """Count requests and retries (from any thread)."""
+        with self._lock:
+            self.requests += requests
+            self.retries += retries
+
+    def __repr__(self) -> str:
+        return f"RequestStats(requests={self.requests}, retries={self.retries})"
+
+
 class Attempts:
     """The bookkeeping of one request's retries; the loop itself is in each client (sleep differs)."""
 
-    def __init__(self, policy: RetryPolicy, ids: list[str], what: str):
+    def __init__(self, policy: RetryPolicy, ids: list[str], what: str, stats: RequestStats | None = None):
         self.policy = policy
         self.ids = ids
         self.what = what
+        self.stats = stats or RequestStats()
         self.count = 0
         self.started = time.monotonic()
         self.last: BaseException | None = None
+
+    def attempt(self) -> None:
+        """A request is about to go out."""
+        self.count += 1
+        self.stats.add(requests=1)
 
     def next_delay(self, failure: BaseException) -> float:
         """Record a retryable failure; the wait before the next attempt, or DeliveryError when the
@@ -112,6 +137,7 @@ class Attempts:
                 self.count,
                 self.ids,
             ) from failure
+        self.stats.add(retries=1)
         return wait
 
 

@@ -30,14 +30,15 @@ import httpx
 from tqdm import tqdm
 
 from meter_platform.catalog import Catalog
-from meter_platform.cli.common import auth_headers
+from meter_platform.cli.common import api_key, auth_headers
 from meter_platform.cli.demo.expectation import Expectation
 from meter_platform.cli.demo.send import (
     CONCURRENCY,
-    MAX_ATTEMPTS,
+    RETRY_BUDGET,
     DemoError,
     SendStats,
     TokenBucket,
+    demo_client,
     send_traffic,
 )
 from meter_platform.cli.demo.traffic import (
@@ -74,11 +75,11 @@ __all__ = [
     "EXIT_ERROR",
     "EXIT_MATCH",
     "EXIT_MISMATCH",
-    "MAX_ATTEMPTS",
     "MAX_JITTER",
     "QUERY_MARGIN",
     "RESEND_EVERY",
     "RESEND_SHARE",
+    "RETRY_BUDGET",
     "WAIT_TIMEOUT",
     "ZIPF_EXPONENT",
     "DemoError",
@@ -92,6 +93,7 @@ __all__ = [
     "TrafficGenerator",
     "Weighted",
     "check_meters",
+    "demo_client",
     "encode_events",
     "plan_requests",
     "print_checks",
@@ -130,13 +132,17 @@ def _warn_missing_event_types(catalog: Catalog, out: TextIO) -> None:
 
 
 async def _send(
-    client: httpx.AsyncClient, traffic: Traffic, expectation: Expectation, rate: float | None, out: TextIO
+    gateway_url: str, traffic: Traffic, expectation: Expectation, rate: float | None, out: TextIO
 ) -> SendStats | None:
-    """Send the run's traffic with a progress bar and print what was sent; None when it stopped."""
+    """Send the run's traffic through the SDK with a progress bar and print what was sent; None when
+    it stopped."""
     with tqdm(total=traffic.total_events, desc="sending", unit="ev", unit_scale=True) as bar:
         try:
-            # encode_events is looked up here, in this package, when the demo runs (see send_traffic).
-            stats = await send_traffic(client, traffic, expectation, rate, progress=bar, encode=encode_events)
+            async with demo_client(gateway_url, api_key()) as meter:
+                # encode_events is looked up here, in this package, when the demo runs (see send_traffic).
+                stats = await send_traffic(
+                    meter, traffic, expectation, rate, progress=bar, encode=encode_events
+                )
         except DemoError as exc:
             bar.close()
             print(f"meter demo: stopped: {exc}", file=sys.stderr)
@@ -223,7 +229,7 @@ async def _demo(
             file=out,
         )
         result.started = datetime.now(UTC)
-        stats = await _send(client, traffic, expectation, rate, out)
+        stats = await _send(gateway_url, traffic, expectation, rate, out)
         if stats is None:
             return result
         result.stats = stats

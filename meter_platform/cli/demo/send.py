@@ -1,6 +1,8 @@
-"""Sending the demo's traffic: requests in flight at once, optionally paced, retried after a 503.
+"""Sending the demo's traffic through the platform's SDK: requests in flight at once, optionally paced.
 
-A retry re-sends the same body, with the same event ids, so it is safe: the platform counts an id once.
+Each planned request is one ``AsyncMeterClient.send``: the SDK retries a 503, a 429 or a connection
+error with the same body and ids (so a retry is counted once), honouring ``Retry-After``, and raises a
+typed error for a refusal.
 """
 
 from __future__ import annotations
@@ -9,22 +11,33 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
-import httpx
+import msgspec
 from tqdm import tqdm
 
 from meter_platform.cli.demo.expectation import Expectation
 from meter_platform.cli.demo.traffic import Traffic, encode_events
+from meter_platform.sdk import ApiError, AsyncMeterClient, DeliveryError, RetryPolicy
 
 #: Requests in flight at once: enough to keep the gateway's JetStream publishes (each an fsync) busy.
 CONCURRENCY = 8
-#: How often a request is retried after a 503 or a connection error before the demo gives up.
-MAX_ATTEMPTS = 30
+#: How long one request is retried (503, 429, connection errors) before the demo gives up.
+RETRY_BUDGET = 60.0
+#: Decimals stay Decimals: the SDK sends them with exactly the digits the expectation summed.
+_decoder = msgspec.json.Decoder(float_hook=Decimal)
 
 
 class DemoError(Exception):
     """The demo cannot go on (the gateway refused a request, or stays unreachable)."""
+
+
+def demo_client(gateway_url: str, api_key: str | None, concurrency: int = CONCURRENCY) -> AsyncMeterClient:
+    """The SDK client the demo sends with: ``concurrency`` connections, the demo's retry budget."""
+    return AsyncMeterClient(
+        gateway_url, api_key, concurrency=concurrency, timeout=60.0, retry=RetryPolicy(budget=RETRY_BUDGET)
+    )
 
 
 class TokenBucket:
@@ -61,42 +74,19 @@ class SendStats:
     elapsed: float = 0.0
 
 
-def retry_after(response: httpx.Response) -> float:
+async def _post(client: AsyncMeterClient, body: bytes) -> None:
+    """Send one request's events through the SDK (it retries); a refusal or a give-up is a DemoError."""
     try:
-        return max(0.0, float(response.headers.get("retry-after", "1")))
-    except ValueError:
-        return 1.0
-
-
-async def _post(client: httpx.AsyncClient, body: bytes, count: int, stats: SendStats) -> None:
-    """POST one batch until it is accepted; retries reuse the same ids, so they are safe."""
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        stats.requests += 1
-        try:
-            response = await client.post(
-                "/v1/events", content=body, headers={"content-type": "application/json"}
-            )
-        except httpx.TransportError as exc:
-            if attempt == MAX_ATTEMPTS:
-                raise DemoError(f"the gateway stays unreachable ({exc!r})") from exc
-            stats.retries += 1
-            await asyncio.sleep(min(0.25 * 2**attempt, 5.0))
-            continue
-        if response.status_code == 202:
-            accepted = response.json().get("accepted")
-            if accepted != count:
-                raise DemoError(f"the gateway accepted {accepted} of {count} events in one request")
-            return
-        if response.status_code in (502, 503, 504) and attempt < MAX_ATTEMPTS:
-            stats.retries += 1
-            await asyncio.sleep(retry_after(response))
-            continue
+        await client.send(_decoder.decode(body))
+    except ApiError as exc:
         # A 4xx means the demo sent something the contract refuses: a bug to fix, not to retry.
-        raise DemoError(f"POST /v1/events answered {response.status_code}: {response.text}")
+        raise DemoError(f"POST /v1/events answered {exc.status}: {exc.error} {exc.details}") from exc
+    except DeliveryError as exc:
+        raise DemoError(f"the gateway stays unreachable or busy ({exc})") from exc
 
 
 async def send_traffic(
-    client: httpx.AsyncClient,
+    client: AsyncMeterClient,
     traffic: Traffic,
     expectation: Expectation,
     rate: float | None = None,
@@ -106,16 +96,17 @@ async def send_traffic(
 ) -> SendStats:
     """Send every planned request, ``concurrency`` at a time, and feed accepted events to ``expectation``.
 
-    ``encode`` makes each request's body. ``meter demo`` passes the package's ``demo.encode_events``,
-    looked up when it runs, so replacing that one name changes what is sent (a test sends bodies the
-    gateway refuses that way). Raises DemoError (after cancelling the requests in flight) when a
-    request is refused.
+    ``encode`` makes each request's JSON (the SDK sends exactly those events, Decimals with their
+    digits). ``meter demo`` passes the package's ``demo.encode_events``, looked up when it runs, so
+    replacing that one name changes what is sent (a test sends events the gateway refuses that way).
+    Raises DemoError (after cancelling the requests in flight) when a request is refused.
     """
     stats = SendStats()
     # A burst of one request at most: the rate holds from the first second on.
     bucket = TokenBucket(rate, max(s.count for s in traffic.plan)) if rate else None
     done = {spec.index: asyncio.Event() for spec in traffic.plan}
     specs = iter(traffic.plan)
+    before = (client.stats.requests, client.stats.retries)
 
     async def worker() -> None:
         for spec in specs:  # shared iterator: each request is taken by exactly one worker, in plan order
@@ -125,7 +116,7 @@ async def send_traffic(
             if bucket is not None:
                 await bucket.take(spec.count)
             events = traffic.events_for(spec)
-            await _post(client, encode(events), len(events), stats)
+            await _post(client, encode(events))
             expectation.add(events)
             stats.accepted += len(events)
             if spec.resend_of is not None:
@@ -143,4 +134,6 @@ async def send_traffic(
         raise errors.exceptions[0] from None
     finally:
         stats.elapsed = time.monotonic() - started
+        stats.requests = client.stats.requests - before[0]
+        stats.retries = client.stats.retries - before[1]
     return stats

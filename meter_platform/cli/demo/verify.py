@@ -16,7 +16,8 @@ from tqdm import tqdm
 from meter_platform.capture.envelope import format_timestamp
 from meter_platform.catalog import Meter
 from meter_platform.cli.demo.expectation import Expectation
-from meter_platform.cli.demo.send import DemoError, retry_after
+from meter_platform.cli.demo.send import DemoError
+from meter_platform.sdk.retry import parse_retry_after
 
 #: How long to wait for the pipeline to count the run's events before giving up.
 WAIT_TIMEOUT = 300.0
@@ -40,7 +41,7 @@ async def get_json(client: httpx.AsyncClient, path: str, params: dict[str, str] 
             await asyncio.sleep(1)
             continue
         if response.status_code == 503 and attempt < 5:
-            await asyncio.sleep(retry_after(response))
+            await asyncio.sleep(parse_retry_after(response.headers.get("retry-after")) or 1.0)
             continue
         if response.status_code != 200:
             raise DemoError(f"GET {path} answered {response.status_code}: {response.text}")
