@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +128,29 @@ def test_clients_not_closed_are_flushed_at_interpreter_exit(
     assert len(ids) == 8
     run_drain(nats_server.url, database_url, catalog)
     assert sorted(r[0] for r in query(database_url, "SELECT id FROM usage_events")) == sorted(ids)
+
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "docs" / "examples" / "sdk_quickstart.py"
+
+
+def test_the_quickstart_example_runs_and_prints_the_usage(
+    gateway_url, admin_key, nats_server, database_url, catalog
+):
+    stop = threading.Event()
+
+    def pipeline() -> None:  # what the Dagster sensor and job do under `make up`
+        while not stop.is_set():
+            run_drain(nats_server.url, database_url, catalog)
+
+    drainer = threading.Thread(target=pipeline, daemon=True)
+    drainer.start()
+    try:
+        done = subprocess.run(
+            [sys.executable, str(QUICKSTART), gateway_url],
+            env={**os.environ, "METER_API_KEY": admin_key}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        drainer.join(30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "tracked 3 events" in done.stdout and "total 3" in done.stdout, done.stdout
