@@ -7,7 +7,8 @@ Two parts, one answer:
   prometheus_client's default registry (e.g. the webhooks' rejections). With
   ``PROMETHEUS_MULTIPROC_DIR`` set (``meter up`` sets it when the gateway runs several workers) they
   are the sum over every worker, read from that folder;
-* figures read at scrape time (:mod:`ingest_gateway.metrics_scrape`): JetStream's backlog and the
+* figures read at scrape time (:mod:`ingest_gateway.metrics_scrape` reads them,
+  :mod:`ingest_gateway.metrics_pipeline` turns them into metrics): JetStream's backlog and the
   pipeline's ledger, which the Dagster runs write. A scrape answers within about two seconds; a
   dependency that does not answer is left out and ``meter_scrape_dependency_up`` says so.
 """
@@ -24,7 +25,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ingest_gateway.gateway import gateway_of
-from ingest_gateway.metrics_scrape import ScrapeCollector, take_snapshot
+from ingest_gateway.metrics_pipeline import ScrapeCollector
+from ingest_gateway.metrics_scrape import take_snapshot
 
 #: The environment variable that turns on prometheus_client's multiprocess mode.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

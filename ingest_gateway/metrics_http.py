@@ -48,6 +48,8 @@ PUBLISH_FAILURES = Counter(
     "not_connected (no connection to NATS) or not_confirmed (no ack: timeout, stream full, error).",
     ["reason"],
 )
+for _reason in ("not_connected", "not_confirmed"):
+    PUBLISH_FAILURES.labels(_reason)  # present at 0 from the start, so rate() sees the first failure
 PUBLISH_FAILED_EVENTS = Counter(
     "meter_publish_failed_events",
     "Events in publishes that JetStream did not confirm (answered 503; the client retries them).",

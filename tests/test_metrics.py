@@ -105,6 +105,10 @@ def test_counters_move_by_exactly_what_was_sent_and_drained(
     assert value(drained, "meter_jetstream_consumer_pending") == 0
     assert value(drained, "meter_pipeline_oldest_waiting_seconds") == 0
     assert abs(value(drained, "meter_pipeline_last_commit_timestamp_seconds") - time.time()) < 60
+    assert abs(value(drained, "meter_pipeline_newest_received_timestamp_seconds") - time.time()) < 60
+    # From receipt to the batch's write: the events waited in JetStream since they were posted.
+    longest = value(drained, "meter_pipeline_batch_delay_seconds", stat="max")
+    assert 0 < value(drained, "meter_pipeline_batch_delay_seconds", stat="min") <= longest < 60
 
 
 def test_route_labels_are_templates_for_every_route(gateway_url):
