@@ -274,3 +274,43 @@ def test_the_example_catalog_declares_the_three_styles():
         "Stripe-Signature",
         "X-Hub-Signature-256",
     }
+
+
+STANDARD_WEBHOOKS_YAML = """
+sources:
+  standard:
+    secret_env: STANDARD_SECRET
+    signature: {preset: svix, header: webhook-signature, timestamp: {header: webhook-timestamp}, tolerance_seconds: 60}
+    delivery_id: {header: webhook-id}
+    events:
+      event_type: type
+      customer_id: {const: acme}
+      properties: $.data
+"""
+
+
+def test_a_preset_changed_part_by_part_covers_standard_webhooks(tmp_path):
+    """Standard Webhooks is Svix's scheme under other header names: the svix preset, three parts changed."""
+    source = catalog_with(tmp_path, STANDARD_WEBHOOKS_YAML).webhooks["standard"]
+    keys, _ = secrets_of(source, {"STANDARD_SECRET": SVIX_SECRET})
+    body = json.dumps({"type": "api_call", "data": {"endpoint": "/x"}}).encode()
+    now = int(time.time())
+    one, many = headers_of(
+        {
+            "webhook-id": "msg_1",
+            "webhook-timestamp": str(now),
+            "webhook-signature": svix_signature(SVIX_SECRET, "msg_1", now, body),
+        }
+    )
+    delivery = delivery_id(source, body, one)
+    assert delivery == "msg_1"
+    verify(source, keys, body, many, delivery, now + 59)
+    with pytest.raises(SignatureError, match="60 s"):
+        verify(source, keys, body, many, delivery, now + 61)
+    mapped = map_delivery(source, body, delivery, now_us(), one)
+    assert [(e.id, e.event_type, e.customer_id, e.properties) for e in mapped.events] == [
+        ("webhook:standard:msg_1:0", "api_call", "acme", {"endpoint": "/x"})
+    ]
+    # The id is part of what is signed: another id with the same signature does not pass.
+    with pytest.raises(SignatureError):
+        verify(source, keys, body, many, "msg_2", now)
