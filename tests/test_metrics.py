@@ -3,7 +3,9 @@ sent and drained, labels are route templates, the text parses, and a scrape neve
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from meter_platform.runtime.servers import free_port
 from tests.helpers import api_call, run_drain
 from tests.test_gateway import frozen, wait_until
 
+DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "meter-platform.json"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -196,3 +199,21 @@ def test_several_workers_add_up_in_multiprocess_mode(two_workers):
             delta(before, after, "meter_http_requests_total", route="/healthz", method="GET", status="200")
             == 40
         )
+
+
+def test_the_grafana_dashboard_uses_only_metrics_the_gateway_serves(
+    gateway_url, admin_key, nats_server, database_url, catalog
+):
+    """docs/grafana/meter-platform.json stays true: every meter_* series its queries name exists."""
+    assert post(gateway_url, admin_key, api_call("dash-1")).status_code == 202
+    run_drain(nats_server.url, database_url, catalog)  # the pipeline's gauges need a batch
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
+    assert exprs and all(p["datasource"]["uid"] == "${datasource}" for p in panels)
+    _, text = scrape(gateway_url)
+    served = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    named = {name for expr in exprs for name in re.findall(r"\bmeter_\w+", expr)}
+    missing = {n for n in named if n not in served and re.sub(r"_(bucket|sum|count)$", "", n) not in served}
+    assert not missing, missing
