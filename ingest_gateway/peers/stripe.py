@@ -94,7 +94,9 @@ async def _json(request: Request) -> dict[str, Any]:
 def _form_event(body: bytes) -> dict[str, Any]:
     """A v1 form body as the fields of one meter event (``payload[key]`` → ``payload``)."""
     try:
-        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=_MAX_FIELDS)
+        pairs = parse_qsl(
+            body.decode("utf-8"), keep_blank_values=True, errors="strict", max_num_fields=_MAX_FIELDS
+        )
     except ValueError as exc:  # invalid UTF-8 (also once percent-decoded), too many fields
         raise StripeError(400, f"The body is not a usable form: {exc}.") from exc
     raw: dict[str, Any] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -269,3 +270,28 @@ def test_events_jetstream_cannot_keep_are_the_sdks_api_error_with_retry_after(
         sdk.v2.billing.meter_events.create({**event, "identifier": "full"})
     assert caught.value.http_status == 503 and caught.value.headers["retry-after"]
     assert caught.value.json_body["error"]["type"] == "api_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"event_name=%ff&payload[stripe_customer_id]=c", None),  # invalid UTF-8 once decoded
+        (b"event_name=a&payload[stripe_customer_id]=c%00", "payload[stripe_customer_id]"),
+        (b"event_name=a&payload[stripe_customer_id]=c&payload[a][b]=1", "payload[a][b]"),
+        (b"event_name=a&payload[stripe_customer_id]=c&customer=c", "customer"),
+    ],
+)
+def test_a_form_stripe_would_not_send_is_a_400_in_stripes_shape(
+    gateway_url, admin_key, nats_server, body, param
+):
+    request = urllib.request.Request(
+        f"{gateway_url}/stripe/v1/billing/meter_events",
+        data=body,
+        headers={"Authorization": f"Bearer {admin_key}", "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 400
+    error = json.load(caught.value)["error"]
+    assert error["type"] == "invalid_request_error" and error.get("param") == param, error
+    assert published(nats_server.url) == 0
