@@ -218,6 +218,9 @@ def test_a_long_delivery_id_is_hashed_to_at_most_128_characters():
     long_id = "d" * 500
     scoped = event_id("src", long_id, 3)
     assert len(scoped) <= 128 and scoped == event_id("src", long_id, 3) != event_id("src", long_id, 4)
+    # A payload's id may hold line breaks or spaces; ids (also sent as a NATS header) never do.
+    odd = event_id("src", "evt 1\r\nNats-Msg-Id: x", 0)
+    assert odd.startswith("webhook:src:sha256:") and odd.isascii() and " " not in odd and "\n" not in odd
 
 
 # -- webhooks.yaml ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ UNMAPPED = "unmapped"
 MAX_ID = 128
 _MISSING: Any = object()
 _encoder = msgspec.json.Encoder()
+_VISIBLE = re.compile(r"[\x21-\x7e]+")
 #: Unix seconds a timestamp may hold (years 1 to 9999).
 _MIN_UNIX, _MAX_UNIX = -62_135_596_800, 253_402_300_799
 
@@ -51,12 +53,13 @@ class Mapped:
 
 def scoped(source: str, *parts: str) -> str:
     """``webhook:<source>:<parts joined by ':'>``, or ``webhook:<source>:sha256:<hex>`` when longer
-    than :data:`MAX_ID` (still stable: a redelivery gets the same id)."""
+    than :data:`MAX_ID` or holding anything but visible ASCII (a sender's id may hold spaces or line
+    breaks; the id also travels in a NATS header). Stable: a redelivery gets the same id."""
     raw = ":".join(parts)
     scoped_id = f"webhook:{source}:{raw}"
-    if len(scoped_id) <= MAX_ID:
+    if len(scoped_id) <= MAX_ID and _VISIBLE.fullmatch(raw):
         return scoped_id
-    return f"webhook:{source}:sha256:{hashlib.sha256(raw.encode()).hexdigest()}"
+    return f"webhook:{source}:sha256:{hashlib.sha256(raw.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
 
 def event_id(source: str, delivery: str, index: int) -> str:
