@@ -8,7 +8,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ingest_gateway.gateway import gateway_of
+from ingest_gateway.gateway import Gateway, gateway_of
 from ingest_gateway.http import ApiError, json_response, read_body, refuse
 from meter_platform.capture.envelope import (
     Event,
@@ -97,29 +97,38 @@ def _quarantined(r: Any) -> dict[str, Any]:
     }
 
 
-async def get_event(request: Request) -> Response:
-    """GET /v1/events/{id}: the event as the pipeline saw it, and its state."""
-    gw = gateway_of(request)
-    event_id = request.path_params["event_id"]
+async def lookup_event(gw: Gateway, event_id: str) -> dict[str, Any] | None:
+    """The event ``event_id`` as ``GET /v1/events/{id}`` shows it (stored, quarantined with its reasons,
+    or still pending in the stream), or None if it was never accepted (or is far back in the backlog).
+
+    The peers' read routes (e.g. Lago's ``GET /api/v1/events/{transaction_id}``) use it too, with the
+    scoped id, so every API sees an event in the same state.
+    """
     if "\x00" in event_id:
-        raise ApiError(404, f"No event with id {event_id!r} was accepted.")
+        return None
     rows = await gw.query(
         "SELECT id, event_type, customer_id, ts, received_at, properties, metadata, stream_seq"
         " FROM usage_events WHERE id = :id",
         {"id": event_id},
     )
     if rows:
-        return json_response(_stored(rows[0]))
+        return _stored(rows[0])
     rows = await gw.query(
         "SELECT event_id, event_type, customer_id, ts, received_at, payload, reasons, stream_seq, status"
         " FROM quarantined_events WHERE event_id = :id",
         {"id": event_id},
     )
     if rows:
-        return json_response(_quarantined(rows[0]))
-    pending = await gw.find_pending(event_id)
-    if pending is not None:
-        return json_response(pending)
+        return _quarantined(rows[0])
+    return await gw.find_pending(event_id)
+
+
+async def get_event(request: Request) -> Response:
+    """GET /v1/events/{id}: the event as the pipeline saw it, and its state."""
+    event_id = request.path_params["event_id"]
+    found = await lookup_event(gateway_of(request), event_id)
+    if found is not None:
+        return json_response(found)
     raise ApiError(
         404, f"No event with id {event_id!r} was accepted (or it is still far back in the backlog)."
     )
