@@ -20,7 +20,7 @@ from meter_platform.sdk import core
 from meter_platform.sdk.client import post_batch
 from meter_platform.sdk.core import ClientCore, ErrorCallback
 from meter_platform.sdk.errors import ApiError, BufferFull, DeliveryError, NotFound
-from meter_platform.sdk.events import Encoded, batch_body, make_event, prepare
+from meter_platform.sdk.events import Encoded, batch_body, make_event, prepare_batch
 from meter_platform.sdk.models import IngestStatus, Invoice, Meter, StoredEvent, Usage
 from meter_platform.sdk.retry import (
     RETRY_EXCEPTIONS,
@@ -140,13 +140,12 @@ class AsyncMeterClient(ClientCore):
     async def send(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
         """Send these events now, in one request (retried within the budget); their ids."""
         self.check_open()
-        batch = [prepare(e) for e in events]
-        if batch:
+        ids, body = prepare_batch(events)
+        if ids:
             await request_with_retry(
-                self._http, self.retry, "POST", "/v1/events", [e.id for e in batch], self.stats,
-                content=batch_body(batch), headers=_JSON,
-            )  # fmt: skip
-        return [e.id for e in batch]
+                self._http, self.retry, "POST", "/v1/events", ids, self.stats, content=body, headers=_JSON
+            )
+        return ids
 
     async def flush(self) -> None:
         """Send everything queued and wait for the batches in flight (raises as MeterClient.flush)."""

@@ -14,7 +14,7 @@ import httpx
 from meter_platform.sdk import core
 from meter_platform.sdk.core import ClientCore, ErrorCallback
 from meter_platform.sdk.errors import ApiError, DeliveryError, MeterError, NotFound
-from meter_platform.sdk.events import Encoded, batch_body, make_event, prepare
+from meter_platform.sdk.events import Encoded, batch_body, make_event, prepare_batch
 from meter_platform.sdk.models import IngestStatus, Invoice, Meter, StoredEvent, Usage
 from meter_platform.sdk.retry import (
     RETRY_EXCEPTIONS,
@@ -143,10 +143,12 @@ class MeterClient(ClientCore):
         retried), DeliveryError when the budget ran out.
         """
         self.check_open()
-        batch = [prepare(e) for e in events]
-        if batch:
-            post_batch(self._http, self.retry, batch, self.stats)
-        return [e.id for e in batch]
+        ids, body = prepare_batch(events)
+        if ids:
+            request_with_retry(
+                self._http, self.retry, "POST", "/v1/events", ids, self.stats, content=body, headers=_JSON
+            )
+        return ids
 
     def flush(self) -> None:
         """Send everything queued and wait for the batches in flight.

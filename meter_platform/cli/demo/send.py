@@ -74,10 +74,19 @@ class SendStats:
     elapsed: float = 0.0
 
 
-async def _post(client: AsyncMeterClient, body: bytes) -> None:
-    """Send one request's events through the SDK (it retries); a refusal or a give-up is a DemoError."""
+async def _post(
+    client: AsyncMeterClient,
+    events: Sequence[dict[str, Any]],
+    encode: Callable[[Sequence[dict[str, Any]]], bytes],
+) -> None:
+    """Send one request's events through the SDK (it retries); a refusal or a give-up is a DemoError.
+
+    With the traffic's own encoder the events go as they are (the SDK encodes them the same way:
+    Decimals as numbers with their digits); any other ``encode`` decides what is sent.
+    """
+    wire = events if encode is encode_events else _decoder.decode(encode(events))
     try:
-        await client.send(_decoder.decode(body))
+        await client.send(wire)
     except ApiError as exc:
         # A 4xx means the demo sent something the contract refuses: a bug to fix, not to retry.
         raise DemoError(f"POST /v1/events answered {exc.status}: {exc.error} {exc.details}") from exc
@@ -116,7 +125,7 @@ async def send_traffic(
             if bucket is not None:
                 await bucket.take(spec.count)
             events = traffic.events_for(spec)
-            await _post(client, encode(events))
+            await _post(client, events, encode)
             expectation.add(events)
             stats.accepted += len(events)
             if spec.resend_of is not None:
