@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import Request
 
+from ingest_gateway.group_commit import GroupCommitter
 from ingest_gateway.health import DEPENDENCY_TIMEOUT, Dependency, NoAnswer, PublishOutcomes
 from ingest_gateway.http import ApiError
 from ingest_gateway.metrics_http import publish_failed, publish_succeeded
@@ -61,6 +62,8 @@ class Gateway:
         #: Called with a request's whole batch before anything of it is published; raises ApiError to
         #: refuse it (the API keys' customer and rate checks, see ingest_gateway/auth.py).
         self.before_publish: Callable[[list[Event]], None] | None = None
+        #: Small requests share JetStream messages (None: group commit is off; set in start()).
+        self.group: GroupCommitter | None = None
 
     async def start(self) -> None:
         """Connect to NATS (making sure the stream exists) and create the database pool."""
@@ -71,6 +74,12 @@ class Gateway:
         self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT)
         await jetstream.ensure_stream_and_consumer(self.js)
         self.engine = db.async_engine(database_url)
+        if self.settings.group_commit_in_flight > 0:
+            self.group = GroupCommitter(
+                self._publish_message,
+                max_bytes=self.nc.max_payload - 4096,
+                max_in_flight=self.settings.group_commit_in_flight,
+            )
 
     async def stop(self) -> None:
         """Flush and close NATS; dispose of the pool."""
@@ -111,22 +120,12 @@ class Gateway:
                 "The event broker is unreachable; nothing was stored. Retry shortly.",
                 headers={"Retry-After": "2"},
             )
-        request_id = new_event_id()
-        payloads = self._chunks(events, received_us)
         started = time.perf_counter()
         try:
-            acks = await asyncio.gather(
-                *(
-                    self.js.publish(
-                        GATEWAY_SUBJECT,
-                        payload,
-                        stream=STREAM_NAME,
-                        # Our own retry of this publish is dropped by JetStream, not stored twice.
-                        headers={"Nats-Msg-Id": f"{request_id}-{i}", BATCH_HEADER: "1"},
-                    )
-                    for i, payload in enumerate(payloads)
-                )
-            )
+            if self.group is not None and len(events) <= self.settings.group_commit_max_request_events:
+                await self.group.submit(events, received_us)  # shares a message with its neighbours
+            else:
+                await asyncio.gather(*(self._publish_message(p) for p in self._chunks(events, received_us)))
         except Exception as exc:  # any failure means "not durable": the client must retry
             log.warning("JetStream did not confirm a publish: %r", exc)
             detail = str(exc) or type(exc).__name__
@@ -143,7 +142,13 @@ class Gateway:
             ) from exc
         self.publishes.succeeded()
         publish_succeeded(len(events), time.perf_counter() - started)
-        log.debug("stored %d events in %d message(s), last seq %s", len(events), len(acks), acks[-1].seq)
+
+    async def _publish_message(self, payload: bytes) -> None:
+        """Publish one gateway message and wait for JetStream's ack (its fsync)."""
+        assert self.js is not None
+        # The message's own id: should it be sent twice, JetStream stores it once.
+        headers = {"Nats-Msg-Id": new_event_id(), BATCH_HEADER: "1"}
+        await self.js.publish(GATEWAY_SUBJECT, payload, stream=STREAM_NAME, headers=headers)
 
     # --- read side -------------------------------------------------------------------------------
 

@@ -79,6 +79,10 @@ class Settings:
     auth_enabled: bool = True
     auth_cache_seconds: float = 5.0
     api_key: str | None = None
+    # Group commit (ingest_gateway/group_commit.py): requests of at most this many events share
+    # JetStream messages while this many group messages await their ack (0: every request alone).
+    group_commit_in_flight: int = 2
+    group_commit_max_request_events: int = 10
 
 
 def load_settings() -> Settings:
@@ -95,6 +99,8 @@ def load_settings() -> Settings:
         auth_enabled=_auth_enabled(),
         auth_cache_seconds=_env_float("METER_AUTH_CACHE_SECONDS", 5.0),
         api_key=os.environ.get("METER_API_KEY") or None,
+        group_commit_in_flight=max(0, _env_int("METER_GROUP_COMMIT_IN_FLIGHT", 2)),
+        group_commit_max_request_events=max(1, _env_int("METER_GROUP_COMMIT_MAX_REQUEST_EVENTS", 10)),
     )
 
 

@@ -41,14 +41,33 @@ class Event(msgspec.Struct, omit_defaults=True):
     metadata: dict[str, Any] = {}
 
 
-class GatewayBatch(msgspec.Struct):
-    """The payload of one gateway message: every event of one request, ids and timestamps filled in.
+class GatewayBatch(msgspec.Struct, omit_defaults=True):
+    """The payload of one gateway message: the events of one request (or, by group commit, of several
+    small requests), ids and timestamps filled in.
 
-    ``received_at`` is the gateway's receive time in microseconds since the epoch (UTC).
+    ``received_at`` is the gateway's receive time in microseconds since the epoch (UTC). A message that
+    groups several requests also carries ``spans``: ``[events, received_at]`` per request, in order, so
+    each event keeps its own request's receive time (:func:`receive_times`).
     """
 
     received_at: int
     events: list[Event]
+    spans: list[tuple[int, int]] | None = None
+
+
+def receive_times(batch: GatewayBatch) -> list[tuple[int, int]]:
+    """``(events, received_at)`` runs covering every event of the batch, in order.
+
+    Events beyond the spans (a malformed message) take the batch's ``received_at``: they are still
+    stored, never lost over a bookkeeping mistake.
+    """
+    if not batch.spans:
+        return [(len(batch.events), batch.received_at)]
+    runs = list(batch.spans)
+    covered = sum(n for n, _ in runs)
+    if covered < len(batch.events):
+        runs.append((len(batch.events) - covered, batch.received_at))
+    return runs
 
 
 class ItemError(msgspec.Struct):

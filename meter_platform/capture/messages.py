@@ -28,6 +28,7 @@ from meter_platform.capture.envelope import (
     format_timestamp,
     now_us,
     parse_timestamp,
+    receive_times,
     us_to_datetime,
 )
 from meter_platform.config import BATCH_HEADER
@@ -211,10 +212,13 @@ def decode_message(
         return
     if msg.headers and BATCH_HEADER in msg.headers:
         batch = decode_batch(msg.data)
-        received = us_to_datetime(batch.received_at)
-        for ev in batch.events:
-            assert ev.id is not None and ev.timestamp is not None  # the gateway fills both in
-            rows.append(ev, ev.id, ev.timestamp, received, msg.seq)
+        first = 0
+        for count, received_us in receive_times(batch):  # one run per request the message holds
+            received = us_to_datetime(received_us)
+            for ev in batch.events[first : first + count]:
+                assert ev.id is not None and ev.timestamp is not None  # the gateway fills both in
+                rows.append(ev, ev.id, ev.timestamp, received, msg.seq)
+            first += count
         per_msg_events[msg.seq] = len(batch.events)
         return
 
