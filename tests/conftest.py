@@ -26,6 +26,8 @@ from tests.helpers import ADMIN_KEY, ADMIN_KEY_ID
 
 TABLES = (
     "usage_minute_aggregates",
+    "usage_hour_aggregates",
+    "usage_day_aggregates",
     "usage_events",
     "quarantined_events",
     "ingest_messages",

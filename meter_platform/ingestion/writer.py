@@ -13,8 +13,8 @@ This is where the platform's delivery guarantee is made. For each micro-batch, i
    b. insert raw events ``ON CONFLICT (id) DO NOTHING``: an id already stored is a duplicate,
       however it arrived (a resend, another path, a redelivery, months later);
    c. quarantine what failed validation, with reasons (never dropped);
-   d. upsert per-minute aggregates from the rows *newly inserted in b.* only, so a duplicate or a
-      redelivery can never be counted twice;
+   d. upsert per-minute aggregates and their hourly and daily rollups (one statement per meter) from
+      the rows *newly inserted in b.* only, so a duplicate or a redelivery can never be counted twice;
    e. record per-message and per-batch counts, ``events = stored + duplicates + quarantined``.
 4. **Commit.** Everything in 3 becomes visible at once, or nothing does.
 5. **Then ack** the messages. A crash between 4 and 5 means redelivery, and 3a makes that a no-op:
@@ -278,7 +278,8 @@ class MicroBatchWriter:
 
         With the *active* meter definitions, share-locked: a meter replay waits for this commit, or
         this transaction waits for the replay (see ``meter_platform.meters.aggregates``). A row not newly stored
-        (a duplicate, a redelivery) is never aggregated, so nothing is counted twice.
+        (a duplicate, a redelivery) is never aggregated, so nothing is counted twice. Each meter's upsert
+        writes its minutes and their UTC hour and day rollups in one statement, from the same rows.
         """
         cur = conn.cursor()
         types = {r[0] for r in cur.execute("SELECT DISTINCT event_type FROM new_events").fetchall()}

@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 
 from meter_platform.catalog import Catalog, Meter
+from meter_platform.meters.rollups import upsert_all_levels_sql
 
 Bind = Callable[[str], str]
 
@@ -91,27 +92,14 @@ def minute_aggregates_sql(meter: Meter, source: str, params: dict[str, Any], ext
 
 
 def aggregate_upsert_sql(meter: Meter, source: str, extra_where: str = "") -> tuple[str, dict[str, Any]]:
-    """The upsert that adds the meter's events found in ``source`` to its per-minute aggregates.
+    """The upsert that adds the meter's events found in ``source`` to its per-minute aggregates and
+    to their hourly and daily rollups (one statement, see ``meter_platform.meters.rollups``).
 
     Sums, counts, minima and maxima compose across batches.
     """
     params: dict[str, Any] = {"slug": meter.slug}
     select = minute_aggregates_sql(meter, source, params, extra_where)
-    sql = f"""
-        INSERT INTO usage_minute_aggregates AS a
-            (meter_slug, minute, customer_id, dims, event_count, value_count, value_sum, value_min, value_max)
-        SELECT %(slug)s, * FROM ({select}) m
-        ORDER BY minute, customer_id, dims
-        ON CONFLICT (meter_slug, minute, customer_id, dims) DO UPDATE SET
-            event_count = a.event_count + EXCLUDED.event_count,
-            value_count = a.value_count + EXCLUDED.value_count,
-            value_sum = CASE WHEN a.value_sum IS NULL AND EXCLUDED.value_sum IS NULL THEN NULL
-                             ELSE coalesce(a.value_sum, 0) + coalesce(EXCLUDED.value_sum, 0) END,
-            value_min = least(a.value_min, EXCLUDED.value_min),
-            value_max = greatest(a.value_max, EXCLUDED.value_max),
-            updated_at = now()
-    """
-    return sql, params
+    return upsert_all_levels_sql(select, "%(slug)s"), params
 
 
 def definition(meter: Meter) -> dict[str, Any]:

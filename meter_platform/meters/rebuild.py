@@ -1,7 +1,7 @@
 """Replays: make a meter's catalog definition active by rebuilding its aggregates from raw events.
 
 In one transaction a replay locks the meter's definition row, measures the old values, deletes the
-meter's aggregates, recomputes them from the stored raw events month by month, records the new
+meter's aggregates (minutes and their hourly and daily rollups), recomputes them from the stored raw events month by month, records the new
 definition and reports old against new per customer. An ingestion batch either commits before the
 replay takes its lock (and the replay recomputes that batch's events) or waits for it (and then
 aggregates with the new definition): no event is counted under two definitions, twice, or not at all.
@@ -27,6 +27,7 @@ from meter_platform.meters.aggregates import (
     pending_changes,
     psycopg_bind,
 )
+from meter_platform.meters.rollups import delete_meter
 from meter_platform.meters.usage import UsageQuery, usage_sql
 
 
@@ -84,7 +85,8 @@ def replay_meter(
         ).fetchone()
         current = meter_from_definition(row[0]) if row else None
         old_totals = _totals(conn, current)
-        conn.execute("DELETE FROM usage_minute_aggregates WHERE meter_slug = %s", (change.slug,))
+        # All three levels: the recomputation below rebuilds minutes, hours and days together.
+        delete_meter(conn, change.slug)
         new = change.new
         if new is None:
             conn.execute("DELETE FROM meter_definitions WHERE slug = %s", (change.slug,))

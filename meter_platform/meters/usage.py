@@ -1,7 +1,10 @@
 """Usage queries: a meter's value over a half-open range ``[from, to)``, by window, zone and dimension.
 
-Whole minutes inside the range come from ``usage_minute_aggregates``; the partial minutes at either
-edge of a range that is not minute-aligned come from the raw events, so every answer is exact.
+Whole minutes inside the range come from the aggregates, each from the coarsest level that fits: a
+UTC day of ``usage_day_aggregates`` or hour of ``usage_hour_aggregates`` when it lies inside the
+range and inside one answer window, else ``usage_minute_aggregates`` (``meter_platform.meters.rollups``);
+the partial minutes at either edge of a range that is not minute-aligned come from the raw events, so
+every answer is exact.
 Window boundaries are computed by PostgreSQL in the requested IANA zone (DST-correct: a
 Europe/Berlin day lasts 23, 24 or 25 hours).
 """
@@ -17,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from meter_platform.capture.envelope import format_timestamp, parse_timestamp
 from meter_platform.catalog import Meter
 from meter_platform.meters.aggregates import Bind, event_expressions, sqlalchemy_bind
+from meter_platform.meters.rollups import level_ctes_sql, level_rows_sql
 
 WINDOWS = ("minute", "hour", "day", "month")
 MAX_ROWS = 10_000
@@ -107,6 +111,7 @@ def usage_sql(q: UsageQuery, bind: Bind = sqlalchemy_bind) -> tuple[str, dict[st
     group_refs = ", ".join(f"g{i}" for i in range(len(group_cols)))
 
     source, value = _source_sql(meter, dims_sql, value_sql, where, customer_filter, slug)
+    levels = "" if meter.aggregation in ("unique_count", "latest") else level_ctes_sql(q.window, tz) + ","
     sql = f"""
         WITH bounds AS (
             SELECT s AS range_start, e AS range_end,
@@ -114,7 +119,7 @@ def usage_sql(q: UsageQuery, bind: Bind = sqlalchemy_bind) -> tuple[str, dict[st
                                                      ELSE interval '1 minute' END, e) AS inner_start,
                    greatest(date_trunc('minute', e), s) AS inner_end
             FROM (SELECT {start_sql} AS s, {end} AS e) r
-        ), src AS ({source}
+        ),{levels} src AS ({source}
         ), bucketed AS (
             SELECT {bucket} AS bucket_start, {group_select}, src.*
             FROM src, bounds b
@@ -161,12 +166,9 @@ def _source_sql(
         else:
             value = "(array_agg(v ORDER BY ts DESC, id DESC) FILTER (WHERE v IS NOT NULL))[1]"
     else:
-        # Whole minutes from the aggregates, the partial minutes at the edges from the raw events.
+        # Whole minutes from the aggregates (days, hours, minutes), the partial edge minutes from raw events.
         source = f"""
-            SELECT minute AS t, customer_id, dims, event_count, value_count, value_sum, value_min, value_max
-            FROM usage_minute_aggregates, bounds b
-            WHERE meter_slug = {slug} {customer_filter}
-              AND minute >= b.inner_start AND minute + interval '1 minute' <= b.inner_end
+            {level_rows_sql(slug, customer_filter)}
             UNION ALL
             SELECT ts, customer_id, dims, 1, CASE WHEN v IS NULL THEN 0 ELSE 1 END, v, v, v
             FROM (SELECT ts, customer_id, {dims_sql} AS dims, {value_sql} AS v FROM usage_events, bounds b

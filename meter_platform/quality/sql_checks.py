@@ -15,6 +15,7 @@ import psycopg
 from meter_platform.catalog import Meter
 from meter_platform.config import QualitySettings
 from meter_platform.meters.aggregates import minute_aggregates_sql
+from meter_platform.meters.rollups import ROLLUPS, rollup_mismatches_sql
 from meter_platform.quality import registry
 from meter_platform.quality.registry import CheckOutcome
 
@@ -22,35 +23,54 @@ from meter_platform.quality.registry import CheckOutcome
 def reconcile_aggregates(
     conn: psycopg.Connection, meters: list[Meter], settings: QualitySettings, now: datetime | None = None
 ) -> CheckOutcome:
-    """Closed minute windows of the aggregates equal a recomputation from the raw events.
+    """Closed minute windows of the aggregates equal a recomputation from the raw events, and the hourly
+    and daily rollups of the lookback equal the sums of their minutes.
 
-    Runs in one repeatable-read snapshot: raw rows and aggregates are committed together by the
-    pipeline, so any difference is real (a lost or doubled upsert, or a tampered row).
+    Runs in one repeatable-read snapshot: raw rows and aggregates (all levels) are committed together by
+    the pipeline, so any difference is real (a lost or doubled upsert, or a tampered row).
     """
     now = now or datetime.now(UTC)
     start, end = now - settings.lookback, now - settings.closed_after
     mismatches: list[dict[str, Any]] = []
-    compared = 0
+    rollup_mismatches: list[dict[str, Any]] = []
+    compared = rollups_compared = 0
     for meter in meters:
         rows = _compare_with_raw_events(conn, meter, start, end)
         compared += len(rows)
         mismatches.extend(_mismatch(meter, row) for row in rows if row[-1])
+        for level in ROLLUPS:
+            rows = conn.execute(
+                rollup_mismatches_sql(level), {"slug": meter.slug, "start": start, "end": now}
+            ).fetchall()
+            rollups_compared += len(rows)
+            rollup_mismatches.extend(_mismatch(meter, row, level) for row in rows if row[-1])
+    description = f"{compared} closed minute windows of {len(meters)} meters equal their raw events"
     if mismatches:
         description = (
             f"{len(mismatches)} of {compared} closed minute windows differ from a recomputation from raw "
             f"events (first: meter {mismatches[0]['meter']}, minute {mismatches[0]['minute']}, customer "
             f"{mismatches[0]['customer_id']}); rebuild with `meter replay {mismatches[0]['meter']}`"
         )
+    if rollup_mismatches:
+        first = rollup_mismatches[0]
+        description += (
+            f"; {len(rollup_mismatches)} of {rollups_compared} hourly/daily rollups differ from the sums of"
+            f" their minutes (first: meter {first['meter']}, {first['level']} {first['minute']}, customer"
+            f" {first['customer_id']}); rebuild with `meter replay {first['meter']}`"
+        )
     else:
-        description = f"{compared} closed minute windows of {len(meters)} meters equal their raw events"
+        description += f"; {rollups_compared} hourly/daily rollups equal the sums of their minutes"
     return registry.outcome(
         "aggregates_reconcile_with_raw_events",
-        not mismatches,
+        not mismatches and not rollup_mismatches,
         description,
         {
             "windows_compared": compared,
             "mismatches": len(mismatches),
             "first_mismatches": mismatches[:10],
+            "rollups_compared": rollups_compared,
+            "rollup_mismatches": len(rollup_mismatches),
+            "first_rollup_mismatches": rollup_mismatches[:10],
             "from": start.isoformat(),
             "to": end.isoformat(),
         },
@@ -91,11 +111,13 @@ def _compare_with_raw_events(
     ).fetchall()
 
 
-def _mismatch(meter: Meter, row: tuple[Any, ...]) -> dict[str, Any]:
-    """A differing window as the check's metadata lists it."""
+def _mismatch(meter: Meter, row: tuple[Any, ...], level: str | None = None) -> dict[str, Any]:
+    """A differing window as the check's metadata lists it (a rollup's: its level, minutes' values as
+    ``raw_``, the rollup's as ``aggregate_``)."""
     minute, customer, dims, raw_count, agg_count, raw_sum, agg_sum, _ = row
     return {
         "meter": meter.slug,
+        **({"level": level} if level else {}),
         "minute": minute.isoformat(),
         "customer_id": customer,
         "dims": dims,

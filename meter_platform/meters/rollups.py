@@ -1,0 +1,166 @@
+"""Hourly and daily rollups of the per-minute aggregates: how they are written, read and checked.
+
+``usage_hour_aggregates`` and ``usage_day_aggregates`` (migration 0009) hold, per UTC hour and UTC day,
+exactly the sums of their minutes. They are written by the same statement that upserts the minutes
+(:func:`upsert_all_levels_sql`), from the same rows, so the ingestion writer (newly stored rows only),
+quarantine replays and meter rebuilds keep all three levels equal in one transaction.
+
+A usage query reads the coarsest rows that fit (:func:`level_ctes_sql`): a UTC day only when it lies
+inside the range's whole-minute part and inside one answer window, else its UTC hours under the same
+rule, else its minutes. Every minute of the range is read from exactly one level.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Rollup level -> (table, time column, its length as an absolute interval). Always hours, never
+#: ``'1 day'``: timestamptz + '1 day' follows the session's zone and would step 23 or 25 hours.
+ROLLUPS: dict[str, tuple[str, str, str]] = {
+    "hour": ("usage_hour_aggregates", "hour", "interval '1 hour'"),
+    "day": ("usage_day_aggregates", "day", "interval '24 hours'"),
+}
+
+_COLUMNS = "meter_slug, {time}, customer_id, dims, event_count, value_count, value_sum, value_min, value_max"
+
+# Sums, counts, minima and maxima compose; a sum stays NULL only while no event carried a value.
+_MERGE = """
+            event_count = a.event_count + EXCLUDED.event_count,
+            value_count = a.value_count + EXCLUDED.value_count,
+            value_sum = CASE WHEN a.value_sum IS NULL AND EXCLUDED.value_sum IS NULL THEN NULL
+                             ELSE coalesce(a.value_sum, 0) + coalesce(EXCLUDED.value_sum, 0) END,
+            value_min = least(a.value_min, EXCLUDED.value_min),
+            value_max = greatest(a.value_max, EXCLUDED.value_max),
+            updated_at = now()"""
+
+
+def _upsert(table: str, time: str, select: str) -> str:
+    # Rows in key order, so concurrent writers lock them in the same order (fewer deadlocks).
+    return f"""
+        INSERT INTO {table} AS a ({_COLUMNS.format(time=time)})
+        {select}
+        ORDER BY 2, 3, 4
+        ON CONFLICT (meter_slug, {time}, customer_id, dims) DO UPDATE SET {_MERGE}"""
+
+
+def upsert_all_levels_sql(minutes_select: str, slug_bind: str) -> str:
+    """One statement adding ``minutes_select`` (a meter's per-minute aggregates: minute, customer_id,
+    dims, event_count, value_count, value_sum, value_min, value_max) to the minute, hour and day tables.
+
+    One statement: the batch's minutes are computed once, and no caller can update one level alone.
+    """
+    rollups = []
+    for level, (table, time, _) in ROLLUPS.items():
+        rolled = (
+            f"SELECT {slug_bind}, date_trunc('{level}', minute, 'UTC'), customer_id, dims, sum(event_count),"
+            " sum(value_count), sum(value_sum), min(value_min), max(value_max) FROM m GROUP BY 2, 3, 4"
+        )
+        rollups.append(_upsert(table, time, rolled))
+    minutes = _upsert("usage_minute_aggregates", "minute", f"SELECT {slug_bind}, * FROM m")
+    return f"""
+        WITH m AS MATERIALIZED ({minutes_select}
+        ), minutes AS ({minutes}
+        ), hours AS ({rollups[0]}
+        ){rollups[1]}"""
+
+
+def _fits(window: str | None, start: str, length: str, tz: str) -> str:
+    """SQL: the span [start, start + length) lies inside one answer window (always, without windows)."""
+    if window is None:
+        return "true"
+    if window == "minute":
+        return "false"
+    return (
+        f"date_trunc('{window}', {start}, {tz})"
+        f" = date_trunc('{window}', {start} + {length} - interval '1 microsecond', {tz})"
+    )
+
+
+def level_ctes_sql(window: str | None, tz: str) -> str:
+    """CTEs (after a ``bounds`` CTE with ``inner_start``/``inner_end``, the whole-minute part) naming
+    what each level answers: ``days`` (d), ``hours`` (h) and ``minute_spans`` [lo, hi).
+
+    A day is used when it lies in the whole-minute part and in one window; an hour when it does and its
+    day is not used; minutes are read for every UTC hour overlapping the part that neither covers.
+    """
+    day_len, hour_len = ROLLUPS["day"][2], ROLLUPS["hour"][2]
+    return f"""
+        days AS (
+            SELECT d FROM bounds b, generate_series(
+                date_trunc('day', b.inner_start + {day_len} - interval '1 microsecond', 'UTC'),
+                b.inner_end - {day_len}, {day_len}) d
+            WHERE {_fits(window, "d", day_len, tz)}
+        ), hours AS (
+            SELECT h FROM bounds b, generate_series(
+                date_trunc('hour', b.inner_start + {hour_len} - interval '1 microsecond', 'UTC'),
+                b.inner_end - {hour_len}, {hour_len}) h
+            WHERE {_fits(window, "h", hour_len, tz)}
+              AND NOT EXISTS (SELECT 1 FROM days WHERE d = date_trunc('day', h, 'UTC'))
+        ), minute_spans AS (
+            SELECT greatest(x, b.inner_start) AS lo, least(x + {hour_len}, b.inner_end) AS hi
+            FROM bounds b, generate_series(date_trunc('hour', b.inner_start, 'UTC'), b.inner_end, {hour_len}) x
+            WHERE x < b.inner_end
+              AND NOT EXISTS (SELECT 1 FROM days WHERE d = date_trunc('day', x, 'UTC'))
+              AND NOT EXISTS (SELECT 1 FROM hours WHERE h = x)
+        )"""
+
+
+_VALUES = "customer_id, dims, event_count, value_count, value_sum, value_min, value_max"
+
+
+def level_rows_sql(slug: str, customer_filter: str) -> str:
+    """UNION ALL of the day, hour and minute rows the CTEs of :func:`level_ctes_sql` name, as ``t``
+    (the row's start) and the value columns.
+
+    The min/max bounds are InitPlans, so each table is read by an index range scan of the range only.
+    """
+    parts = []
+    for level, (table, time, _) in reversed(ROLLUPS.items()):
+        cte, col = {"day": ("days", "d"), "hour": ("hours", "h")}[level]
+        parts.append(
+            f"""SELECT {time} AS t, {_VALUES} FROM {table}
+            WHERE meter_slug = {slug} {customer_filter}
+              AND {time} >= (SELECT min({col}) FROM {cte}) AND {time} <= (SELECT max({col}) FROM {cte})
+              AND {time} IN (SELECT {col} FROM {cte})"""
+        )
+    parts.append(
+        f"""SELECT minute AS t, {_VALUES}
+            FROM minute_spans s JOIN usage_minute_aggregates a
+              ON a.minute >= s.lo AND a.minute < s.hi AND a.minute + interval '1 minute' <= s.hi
+            WHERE meter_slug = {slug} {customer_filter}"""
+    )
+    return "\n            UNION ALL\n            ".join(parts)
+
+
+def rollup_mismatches_sql(level: str) -> str:
+    """A SELECT of one meter's ``level`` rows in [start, end) (psycopg binds slug, start, end; whole
+    rollup periods only) against the sums of their minutes: (period, customer, dims, minutes' count,
+    rollup count, minutes' sum, rollup sum, differs) each."""
+    table, time, _ = ROLLUPS[level]
+    lo = f"date_trunc('{level}', CAST(%(start)s AS timestamptz), 'UTC')"
+    hi = f"date_trunc('{level}', CAST(%(end)s AS timestamptz), 'UTC')"
+    return f"""
+        WITH mins AS (
+            SELECT date_trunc('{level}', minute, 'UTC') AS p, customer_id, dims, sum(event_count) AS event_count,
+                   sum(value_count) AS value_count, sum(value_sum) AS value_sum,
+                   min(value_min) AS value_min, max(value_max) AS value_max
+            FROM usage_minute_aggregates
+            WHERE meter_slug = %(slug)s AND minute >= {lo} AND minute < {hi}
+            GROUP BY 1, 2, 3
+        ), roll AS (
+            SELECT {time} AS p, customer_id, dims, event_count, value_count, value_sum, value_min, value_max
+            FROM {table} WHERE meter_slug = %(slug)s AND {time} >= {lo} AND {time} < {hi}
+        )
+        SELECT coalesce(mins.p, roll.p), coalesce(mins.customer_id, roll.customer_id),
+               coalesce(mins.dims, roll.dims), mins.event_count, roll.event_count, mins.value_sum, roll.value_sum,
+               (mins.p IS NULL OR roll.p IS NULL
+                OR mins.event_count <> roll.event_count OR mins.value_count <> roll.value_count
+                OR mins.value_sum IS DISTINCT FROM roll.value_sum OR mins.value_min IS DISTINCT FROM roll.value_min
+                OR mins.value_max IS DISTINCT FROM roll.value_max) AS differs
+        FROM mins FULL OUTER JOIN roll USING (p, customer_id, dims)"""
+
+
+def delete_meter(conn: Any, slug: str) -> None:
+    """Delete a meter's rows at every level (a rebuild recomputes all of them)."""
+    for table in ("usage_minute_aggregates", *(t for t, _, _ in ROLLUPS.values())):
+        conn.execute(f"DELETE FROM {table} WHERE meter_slug = %s", (slug,))
