@@ -84,7 +84,7 @@ def test_a_400_is_typed_with_its_details_and_never_retried(
         requests = count_requests(meter)
         with pytest.raises(InvalidRequest) as caught:
             meter.send(events)
-    assert len(requests) == 1
+    assert len(requests) == 1 and meter.stats.retries == 0
     error = caught.value
     assert error.status == 400 and error.error
     assert error.item_errors == [ItemError(index=1, field="timestamp", message=error.item_errors[0].message)]

@@ -154,3 +154,21 @@ def test_the_quickstart_example_runs_and_prints_the_usage(
         drainer.join(30)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "tracked 3 events" in done.stdout and "total 3" in done.stdout, done.stdout
+
+
+def test_a_429_is_retried_after_retry_after_with_the_same_ids(
+    gateway_url, nats_server, database_url, catalog
+):
+    from meter_platform.access import create_key
+    from meter_platform.storage import db
+
+    with db.connect(database_url) as conn:  # a key allowed 2 requests a second
+        _, secret = create_key(conn, ["ingest"], name="slow", requests_per_second=2)
+        conn.commit()
+    event = {"event_type": "api_call", "customer_id": "rate", "properties": PROPS}
+    with MeterClient(gateway_url, secret, retry=RetryPolicy(budget=30)) as meter:
+        ids = [i for _ in range(6) for i in meter.send([event, event])]
+        assert meter.stats.retries > 0 and meter.stats.requests == 6 + meter.stats.retries
+    counts = run_drain(nats_server.url, database_url, catalog)
+    assert (counts.stored, counts.duplicates) == (12, 0)
+    assert sorted(r[0] for r in query(database_url, "SELECT id FROM usage_events")) == sorted(ids)
