@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import time
+import weakref
 from typing import Any
 
 from prometheus_client import Counter, Histogram
@@ -79,13 +80,46 @@ def route_label(route: BaseRoute) -> str:
     return _CONVERTER.sub(r"{\1}", path)
 
 
-def route_of(scope: Scope) -> str:
-    """The template of the route that took (or refused with 405) this request, else ``unmatched``.
+class RouteIndex:
+    """Finds the route template of a request, cheaply.
 
-    Labels are templates so that ids in paths do not make a time series each.
+    A request the router took carries its ``endpoint`` in the scope: the route is looked up by it (one
+    dict access; a handler serving several routes is matched among those only). A request that never
+    reached the router (refused by the API-key check) or matched no route is matched against every
+    route, which costs about 10 us a route: those answers are remembered per (method, path), up to
+    :data:`_SLOW_CACHE` of them.
     """
-    app = scope.get("app")
-    routes: list[BaseRoute] = list(getattr(getattr(app, "router", None), "routes", []))
+
+    def __init__(self, routes: list[BaseRoute]):
+        self.routes = routes
+        self.by_endpoint: dict[Any, list[BaseRoute]] = {}
+        self.labels = {id(route): route_label(route) for route in routes}
+        for route in routes:
+            endpoint = getattr(route, "endpoint", None)
+            if endpoint is not None:
+                self.by_endpoint.setdefault(endpoint, []).append(route)
+        self.slow: dict[tuple[str, str, str], str] = {}
+
+    def label(self, scope: Scope) -> str:
+        """The template of the route that took (or refused with 405) the request, else ``unmatched``."""
+        candidates = self.by_endpoint.get(scope.get("endpoint"))
+        if candidates is not None and len(candidates) == 1:
+            return self.labels[id(candidates[0])]
+        key = (scope.get("method", ""), scope.get("root_path", ""), scope.get("path", ""))
+        found = self.slow.get(key)
+        if found is None:
+            found = _match(candidates or self.routes, scope)
+            if len(self.slow) >= _SLOW_CACHE:
+                self.slow.clear()  # ids in paths make this unbounded; start over rather than grow
+            self.slow[key] = found
+        return found
+
+
+#: How many answers of the slow path :class:`RouteIndex` remembers.
+_SLOW_CACHE = 4096
+
+
+def _match(routes: list[BaseRoute], scope: Scope) -> str:
     partial = None
     for route in routes:
         match, _ = route.matches(scope)
@@ -94,6 +128,22 @@ def route_of(scope: Scope) -> str:
         if match is Match.PARTIAL and partial is None:
             partial = route  # the path matched but not the method: the answer is a 405
     return route_label(partial) if partial is not None else UNMATCHED
+
+
+_INDEXES: weakref.WeakKeyDictionary[Any, RouteIndex] = weakref.WeakKeyDictionary()
+
+
+def route_of(scope: Scope) -> str:
+    """The route template of a request (labels are templates, so that ids in paths do not make a
+    time series each); ``unmatched`` when no route matched it."""
+    app = scope.get("app")
+    router = getattr(app, "router", None)
+    if router is None:
+        return UNMATCHED
+    index = _INDEXES.get(app)
+    if index is None:
+        index = _INDEXES[app] = RouteIndex(list(router.routes))
+    return index.label(scope)
 
 
 class RequestMetrics:
