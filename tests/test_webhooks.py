@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
 from meter_platform.catalog import Catalog, load_catalog
 from meter_platform.config import EXAMPLE_CATALOG_DIR
@@ -205,6 +206,14 @@ def test_forged_and_stale_signatures_are_401_counted_and_keep_nothing(gateway_ur
     assert rejected("stripe", "missing_signature") == before["missing_signature"] + 1
     assert rejected("github", "bad_signature") >= 1
     assert backlog(nats_server.url).last_seq == seq  # nothing of them reached JetStream
+    # GET /metrics serves the count (the default registry).
+    scraped = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(httpx.get(f"{gateway_url}/metrics").text)
+        for s in family.samples
+    }
+    key = ("meter_webhook_rejected_total", (("reason", "bad_signature"), ("source", "stripe")))
+    assert scraped[key] == before["bad_signature"] + 2
 
 
 def test_unknown_source_missing_secret_and_too_large(gateway_url, settings):
