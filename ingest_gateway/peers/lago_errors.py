@@ -13,6 +13,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ingest_gateway import auth
 from ingest_gateway.http import ApiError, json_response
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -31,15 +32,24 @@ class LagoError(Exception):
         self.status, self.details, self.headers = status, details, headers
 
 
-def lago_error(status: int, details: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-    """A Lago error answer."""
-    body = {
+def lago_body(status: int, details: dict[str, Any]) -> dict[str, Any]:
+    """The body of a Lago error answer."""
+    return {
         "status": status,
         "error": HTTPStatus(status).phrase,
         "code": CODES.get(status, HTTPStatus(status).phrase.lower().replace(" ", "_")),
         "error_details": details,
     }
-    return json_response(body, status=status, headers=headers)
+
+
+def lago_error(status: int, details: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    """A Lago error answer."""
+    return json_response(lago_body(status, details), status=status, headers=headers)
+
+
+def key_check_error(exc: ApiError) -> dict[str, Any]:
+    """The key checks' 401/403/429 under /lago/ in Lago's shape."""
+    return lago_body(exc.status, {"message": exc.error})
 
 
 def with_lago_errors(handler: Handler) -> Handler:
@@ -74,7 +84,6 @@ _ERROR_SCHEMA: dict[str, Any] = {
         "error_details": {"type": "object"},
     },
 }
-_GATEWAY_ERROR = {"$ref": "#/components/schemas/Error"}
 _TEXTS = {400: "The body is not JSON, or not the expected object.", 401: "No API key, or an unknown one.",
           403: "The key may not do this.", 404: "No such event.", 413: "The body is too large.",
           415: "The content type or encoding is not supported.",
@@ -83,10 +92,12 @@ _TEXTS = {400: "The body is not JSON, or not the expected object.", 401: "No API
 
 
 def documented(*codes: int) -> dict[str, Any]:
-    """The documented error answers of a Lago operation. 401, 403 and 429 may also come from the key
-    check in front of the route, in the gateway's own shape."""
-    out: dict[str, Any] = {}
-    for code in codes:
-        schema = {"oneOf": [_ERROR_SCHEMA, _GATEWAY_ERROR]} if code in (401, 403, 429) else _ERROR_SCHEMA
-        out[str(code)] = {"description": _TEXTS[code], "content": {"application/json": {"schema": schema}}}
-    return out
+    """The documented error answers of a Lago operation (the key checks' 401, 403 and 429 included)."""
+    return {
+        str(code): {"description": _TEXTS[code], "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+        for code in codes
+    }
+
+
+# The key checks (401 / 403 / 429) answer in Lago's shape under /lago/ too.
+auth.PEER_ERROR_BODIES["/lago/"] = key_check_error

@@ -252,7 +252,8 @@ def test_bad_events_are_refused_whole_as_problem_details(
         answer = httpx.post(url, content=body, headers={**AUTH, "Content-Type": content_type})
         assert answer.status_code == status and answer.json()["status"] == status
 
-    with pytest.raises(ClientAuthenticationError):
+    with pytest.raises(ClientAuthenticationError) as refused:
         client(gateway_url, "mk_live_not-a-key").events.ingest_event(good)
+    assert refused.value.model.status == 401 and "unknown or revoked" in refused.value.model.detail
     run_drain(nats_server.url, database_url, catalog)
     assert httpx.get(f"{gateway_url}/v1/events/openmeter:tests:ok-1", headers=AUTH).status_code == 404
