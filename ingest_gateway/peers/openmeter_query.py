@@ -22,6 +22,7 @@ from starlette.routing import Route
 from ingest_gateway.gateway import Gateway, gateway_of
 from ingest_gateway.http import ApiError, json_response, read_json_object
 from ingest_gateway.peers.openmeter_problems import problems, with_problems
+from meter_platform.capture.envelope import format_timestamp
 from meter_platform.catalog import Meter
 from meter_platform.meters.usage import UsageQueryError, build_query, usage_answer, usage_sql
 
@@ -128,18 +129,20 @@ async def run_query(gw: Gateway, meter: Meter, mq: MeterQuery) -> dict[str, Any]
     """OpenMeter's ``MeterQueryResult`` for the query, computed by the platform's usage query."""
     params, customers = _plan(meter, mq)
     now = datetime.now(UTC)
+    try:  # checked once up front, also when no customer is left to query
+        q = build_query(meter, params, now=now)
+        queries = [q] if customers is None else [build_query(meter, {**params, "customer_id": c}, now=now)
+                                                 for c in customers]  # fmt: skip
+    except UsageQueryError as exc:
+        raise ApiError(400, str(exc)) from exc
     rows: list[dict[str, Any]] = []
-    start, end = mq.start, mq.end
-    for customer in customers if customers is not None else [None]:
-        try:
-            q = build_query(meter, {**params, "customer_id": customer or ""}, now=now)
-        except UsageQueryError as exc:
-            raise ApiError(400, str(exc)) from exc
+    start, end = (format_timestamp(q.start) if q.start else None), format_timestamp(q.end)
+    for q in queries:
         sql, sql_params = usage_sql(q)
         answer = usage_answer(q, await gw.query(sql, sql_params))
         if "next_offset" in answer:
             raise ApiError(400, "The answer has more than 10,000 rows; narrow the range or widen windowSize.")
-        start, end = answer["from"], answer["to"]
+        start = answer["from"]
         rows += [_row(r) for r in answer["data"]]
     if customers is not None and len(customers) > 1:
         rows.sort(key=lambda r: r["windowStart"])  # stable: customers stay in order within a window

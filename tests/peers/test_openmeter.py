@@ -201,9 +201,15 @@ def test_sdk_query_by_subjects_and_the_meters(gateway_url, admin_key, nats_serve
         ]
     assert {r.subject for r in theirs.data} == {"cust-0", "cust-1"}
     only = om.meters.query_json(
-        "api_calls", from_parameter=START, to=NOW, subject=["cust-0"], filter_customer_id=["cust-1"]
+        "api_calls", from_parameter=START, subject=["cust-0"], filter_customer_id=["cust-1"]
     )
     assert only.data == []  # both filters: the customers in both
+    assert only.from_property == START and only.to > NOW  # `to` defaults to now
+    with pytest.raises(HttpResponseError) as raised:
+        om.meters.query_json(
+            "api_calls", window_time_zone="Mars/Olympus", subject=["a"], filter_customer_id=["b"]
+        )
+    assert raised.value.status_code == 400 and "Mars/Olympus" in raised.value.model.detail
 
     meters = om.meters.list()
     assert [m.slug for m in meters] == [m.slug for m in catalog.meters]
