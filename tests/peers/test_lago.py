@@ -239,3 +239,38 @@ def test_a_lago_id_and_an_openmeter_id_with_the_same_raw_string_are_two_events(
     ).raise_for_status()
     run_drain(nats_server.url, database_url, catalog)
     assert usage(gateway_url, "api_calls") == {"cust": 3}
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"[" * 100_000, 400),  # deep nesting
+        (b'{"event": {"transaction_id": "\xff\xfe", "code": "api_call", "external_customer_id": "c"}}', 400),
+        (b'{"event": {"transaction_id": "t", "code": "api_call", "external_customer_id": "c\\u0000"}}', 422),
+        (
+            b'{"event": {"transaction_id": "t", "code": "api_call", "external_customer_id": "c", "properties": {"a": "\\u0000"}}}',
+            422,
+        ),
+        (
+            b'{"event": {"transaction_id": "t", "code": "api_call", "external_customer_id": "c", "timestamp": 1e400}}',
+            400,
+        ),
+        (b'{"event": {"transaction_id": 5, "code": [], "external_customer_id": {}, "timestamp": true}}', 422),
+        (
+            b'{"event": {"transaction_id": "t", "code": "api_call", "external_customer_id": "c", "timestamp": "99999999999999"}}',
+            422,
+        ),
+        (b'{"events": "not a list"}', 422),
+        (b'"just a string"', 400),
+    ],
+)
+def test_hostile_bodies_are_a_4xx_in_lagos_shape(gateway_url, body, status):
+    path = "events/batch" if body.startswith(b'{"events"') else "events"
+    answer = httpx.post(
+        f"{gateway_url}/lago/api/v1/{path}",
+        content=body,
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert answer.status_code == status, answer.text
+    assert answer.json()["status"] == status and answer.json()["code"]

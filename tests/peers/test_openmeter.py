@@ -263,3 +263,26 @@ def test_bad_events_are_refused_whole_as_problem_details(
     assert refused.value.model.status == 401 and "unknown or revoked" in refused.value.model.detail
     run_drain(nats_server.url, database_url, catalog)
     assert httpx.get(f"{gateway_url}/v1/events/openmeter:tests:ok-1", headers=AUTH).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000,  # deep nesting
+        b'{"specversion": "1.0", "id": "\xff\xfe", "source": "s", "type": "api_call", "subject": "c"}',
+        b'{"specversion": "1.0", "id": "n", "source": "s", "type": "api_call", "subject": "c", "data": {"a": "\\u0000"}}',
+        b'{"specversion": "1.0", "id": "n", "source": "s\\u0000", "type": "api_call", "subject": "c"}',
+        b'{"specversion": "1.0", "id": "n", "source": "s", "type": "api_call", "subject": "c", "data": {"a": 1e400}}',
+        b'{"specversion": 1.0, "id": 5, "source": null, "type": [], "subject": {}}',
+        b'"just a string"',
+    ],
+)
+def test_hostile_bodies_are_a_400_problem(gateway_url, body):
+    answer = httpx.post(
+        f"{gateway_url}/openmeter/api/v1/events",
+        content=body,
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.headers["content-type"] == "application/problem+json" and answer.json()["status"] == 400
