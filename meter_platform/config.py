@@ -179,6 +179,17 @@ def load_stream_limits() -> StreamLimits:
     )
 
 
+def load_stream_replicas() -> int:
+    """``METER_STREAM_REPLICAS``: copies of the events stream in a NATS cluster (1, 3 or 5; default 1).
+
+    With 3, the stream survives losing any one node; a single nats-server takes only 1.
+    """
+    replicas = _env_int("METER_STREAM_REPLICAS", 1)
+    if not 1 <= replicas <= 5:
+        raise SystemExit(f"METER_STREAM_REPLICAS must be between 1 and 5 (JetStream's limit), got {replicas}")
+    return replicas
+
+
 @dataclass(frozen=True)
 class QualitySettings:
     """Thresholds of the data-quality checks (environment: ``METER_QUALITY_*``)."""

@@ -21,7 +21,13 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from meter_platform.config import CONSUMER_NAME, STREAM_NAME, STREAM_SUBJECTS, load_stream_limits
+from meter_platform.config import (
+    CONSUMER_NAME,
+    STREAM_NAME,
+    STREAM_SUBJECTS,
+    load_stream_limits,
+    load_stream_replicas,
+)
 
 #: How long a delivered message may stay un-acked before JetStream redelivers it. A micro-batch
 #: commits well within this; a run killed mid-batch has its messages redelivered after it.
@@ -37,6 +43,8 @@ def stream_config() -> StreamConfig:
     Work-queue retention keeps exactly the events not yet committed to PostgreSQL: a message leaves
     the stream when the pipeline acks it, after its commit. ``discard: new`` makes a full stream
     refuse new publishes (the gateway answers 503) rather than drop events nobody has stored yet.
+    ``num_replicas`` is ``METER_STREAM_REPLICAS``: 3 on a 3-node cluster, so a publish is acked once a
+    majority of the nodes has stored it (each fsync'ing first) and any one node may fail.
     """
     limits = load_stream_limits()
     return StreamConfig(
@@ -48,12 +56,16 @@ def stream_config() -> StreamConfig:
         max_bytes=limits.max_bytes,
         max_msgs=limits.max_msgs,
         duplicate_window=DUPLICATE_WINDOW_SECONDS,
-        num_replicas=1,
+        num_replicas=load_stream_replicas(),
     )
 
 
 def consumer_config() -> ConsumerConfig:
-    """The durable pull consumer of the micro-batch job: explicit acks, never gives up redelivering."""
+    """The durable pull consumer of the micro-batch job: explicit acks, never gives up redelivering.
+
+    Its replicas are left unset (0): the consumer follows the stream's, also when those change, as a
+    work-queue stream requires.
+    """
     return ConsumerConfig(
         durable_name=CONSUMER_NAME,
         deliver_policy=DeliverPolicy.ALL,
@@ -64,10 +76,22 @@ def consumer_config() -> ConsumerConfig:
     )
 
 
+def server_list(url: str) -> list[str]:
+    """The servers of ``METER_NATS_URL``: one URL, or several separated by commas (a cluster's nodes)."""
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    if not servers:
+        raise ValueError(f"no NATS server in {url!r}")
+    return servers
+
+
 async def connect(url: str, name: str, **kwargs) -> Client:
-    """Connect to NATS, failing fast (no endless reconnect at start-up)."""
+    """Connect to NATS, failing fast (no endless reconnect at start-up).
+
+    ``url`` may list several servers separated by commas (``nats://a:4222,nats://b:4222``): the client
+    connects to one of them and, should it go away, reconnects to another.
+    """
     return await nats.connect(
-        url,
+        server_list(url),
         name=name,
         connect_timeout=5,
         max_reconnect_attempts=kwargs.pop("max_reconnect_attempts", 60),
@@ -83,7 +107,9 @@ async def ensure_stream_and_consumer(js: JetStreamContext, *, apply_limits: bool
     platform runs; every process calls this, the sensor on each tick. With ``apply_limits`` (the
     platform's start, ``meter up``), the stream's size limits are set to ``METER_STREAM_MAX_MSGS`` /
     ``METER_STREAM_MAX_BYTES`` (unset: unlimited) when they differ. Lowering a limit below what the
-    stream holds drops nothing: the stream discards new publishes, never stored ones.
+    stream holds drops nothing: the stream discards new publishes, never stored ones. Its replicas are
+    set to ``METER_STREAM_REPLICAS`` too: JetStream copies the stored messages to the new replicas (or
+    drops the extra ones) while the stream keeps serving, and the consumer follows.
     """
     try:
         info = await js.stream_info(STREAM_NAME)
@@ -99,10 +125,13 @@ async def ensure_stream_and_consumer(js: JetStreamContext, *, apply_limits: bool
 
 
 async def _apply_limits(js: JetStreamContext, current: StreamConfig) -> None:
-    limits = load_stream_limits()
-    if (current.max_msgs, current.max_bytes) == (limits.max_msgs, limits.max_bytes):
+    limits, replicas = load_stream_limits(), load_stream_replicas()
+    wanted = (limits.max_msgs, limits.max_bytes, replicas)
+    if (current.max_msgs, current.max_bytes, current.num_replicas or 1) == wanted:
         return
-    await js.update_stream(replace(current, max_msgs=limits.max_msgs, max_bytes=limits.max_bytes))
+    await js.update_stream(
+        replace(current, max_msgs=limits.max_msgs, max_bytes=limits.max_bytes, num_replicas=replicas)
+    )
 
 
 async def stream_incarnation(js: JetStreamContext) -> datetime:

@@ -13,7 +13,7 @@ from meter_platform.config import load_settings
 def cmd_up(args: argparse.Namespace) -> int:
     from meter_platform.runtime.up import up
 
-    return up()
+    return up(nats_cluster=args.nats_cluster or 0)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -72,6 +72,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register this group's commands."""
     p = sub.add_parser("up", help="start NATS, PostgreSQL, the gateway and Dagster; Ctrl-C stops them all")
+    p.add_argument(
+        "--nats-cluster",
+        type=int,
+        metavar="N",
+        help="run NATS as a cluster of N nodes (3: the events stream keeps 3 replicas and survives losing one)",
+    )
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("status", help="the ingest ledger: accepted, stored, duplicates, quarantined")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")

@@ -3,6 +3,10 @@
 Order of start: NATS and PostgreSQL (embedded unless ``METER_NATS_URL`` / ``METER_DATABASE_URL`` say
 otherwise) → migrations, stream and consumer → gateway → Dagster webserver and daemon.
 
+``meter up --nats-cluster 3`` starts three NATS nodes as one JetStream cluster instead of the single
+node (data in ``.meter/nats-cluster/n1..n3``) and keeps the events stream on all three
+(``METER_STREAM_REPLICAS=3`` unless set): any one node may die without costing an accepted event.
+
 Then it supervises them (:mod:`meter_platform.runtime.supervisor`): a process that dies is started
 again, on the same port and data directory, with backoff, while the others keep serving.
 """
@@ -30,6 +34,7 @@ from meter_platform.runtime.launch import (
     gateway_env,
     platform_env,
 )
+from meter_platform.runtime.nats_cluster import start_nats_cluster
 from meter_platform.runtime.servers import (
     Server,
     port_is_free,
@@ -122,6 +127,27 @@ def _embedded_nats(platform: Platform, settings: Settings) -> str:
         check=JetStreamHealth(nats_dir, nats.log, _say),
     )
     return nats.url
+
+
+def _embedded_nats_cluster(platform: Platform, settings: Settings, nodes: int) -> str:
+    """Start (and supervise, node by node) an embedded NATS cluster; its URL list.
+
+    The stream gets a replica on each of three nodes (``METER_STREAM_REPLICAS``, unless set), in this
+    process and in every child started after (their environment copies it).
+    """
+    os.environ.setdefault("METER_STREAM_REPLICAS", "3")
+    if (settings.data_dir / "nats" / "jetstream").exists():
+        _say("note: the single node's store .meter/nats is not used by the cluster; events it still holds "
+             "are drained only by a `meter up` without --nats-cluster")  # fmt: skip
+    _say(f"starting a {nodes}-node NATS cluster with JetStream (stores in .meter/nats-cluster/n1..n{nodes})")
+    cluster = start_nats_cluster(settings.data_dir / "nats-cluster", nodes)
+    for node in cluster.nodes:
+        assert node.server is not None
+        # A node may be briefly unavailable while the cluster elects leaders: more probes before a restart.
+        check = JetStreamHealth(node.store_dir, node.server.log, _say, unavailable_probes=4)
+        platform.supervisor.add(f"nats-{node.name}", node.start, server=node.server, check=check)
+        _say(f"NATS node {node.name}  {node.url}   (cluster port {node.cluster_port})")
+    return cluster.url
 
 
 def _embedded_postgres(platform: Platform, settings: Settings) -> str:
@@ -236,9 +262,13 @@ def _announce(settings: Settings, nats_url: str, database_url: str) -> None:
     _say(f"logs in {settings.data_dir / 'logs'}; try `meter demo --events 100000`; Ctrl-C stops everything")
 
 
-def up() -> int:
-    """Run the platform until Ctrl-C."""
+def up(nats_cluster: int = 0) -> int:
+    """Run the platform until Ctrl-C; with ``nats_cluster`` (3 or more), NATS as a cluster of that many."""
     settings = load_settings()
+    if nats_cluster and settings.nats_url:
+        raise SystemExit("--nats-cluster starts embedded NATS nodes: unset METER_NATS_URL, or drop the flag.")
+    if nats_cluster and nats_cluster < 3:
+        raise SystemExit("--nats-cluster needs at least 3 nodes (a majority must survive losing one).")
     catalog = load_catalog(settings.catalog_dir)
     validate_catalog_types(catalog)
     _check_ports(settings)
@@ -256,7 +286,10 @@ def up() -> int:
     # A shell without job control starts background jobs with SIGINT ignored; Ctrl-C must still work.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        nats_url = settings.nats_url or _embedded_nats(platform, settings)
+        if nats_cluster:
+            nats_url = _embedded_nats_cluster(platform, settings, nats_cluster)
+        else:
+            nats_url = settings.nats_url or _embedded_nats(platform, settings)
         database_url = settings.database_url or _embedded_postgres(platform, settings)
         dagster_db = _prepare_database(database_url, catalog)
         _api_key(settings, database_url)
