@@ -148,16 +148,16 @@ class AsyncMeterClient(ClientCore):
         return ids
 
     async def flush(self) -> None:
-        """Send everything queued and wait for the batches in flight (raises as MeterClient.flush)."""
-        while True:
+        """Send every event tracked before this call and wait until the gateway has taken it (raises as
+        MeterClient.flush)."""
+        through = self.buffer.last_seq  # the events tracked before this call
+        while not self.buffer.settled_through(through):
             changed = self._changed
             batch = self.buffer.take(self.take_size())
             if batch:
                 await self._deliver(batch, background=False)
                 continue
-            if self.buffer.queued == 0 and self.buffer.inflight == 0:
-                break
-            await self._wait_change(changed, 0.5)
+            await self._wait_change(changed, 0.5)  # the rest is in flight with the background tasks
         self.raise_rejections()
 
     async def aclose(self) -> None:
@@ -241,7 +241,7 @@ class AsyncMeterClient(ClientCore):
             return
         finally:
             self._sending.pop(key, None)
-        self.buffer.done(len(batch))
+        self.buffer.done(batch)
 
     # --- reading --------------------------------------------------------------------------------
 

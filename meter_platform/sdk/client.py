@@ -151,20 +151,19 @@ class MeterClient(ClientCore):
         return ids
 
     def flush(self) -> None:
-        """Send everything queued and wait for the batches in flight.
+        """Send every event tracked before this call and wait until the gateway has taken it.
 
         Raises DeliveryError when a batch could not be delivered within the budget (its events stay
         queued), RejectedEvents when the gateway refused events since the last flush.
         """
-        while True:
+        through = self.buffer.last_seq  # the events tracked before this call (others may track meanwhile)
+        while not self.buffer.settled_through(through):
             batch = self.buffer.take(self.take_size())
-            if batch:
+            if batch:  # help the background threads (this may take newer events too: harmless)
                 self._deliver(batch, background=False)
                 continue
-            with self.buffer.changed:
-                if self.buffer.queued == 0 and self.buffer.inflight == 0:
-                    break
-                self.buffer.changed.wait(0.1)
+            with self.buffer.changed:  # the rest is in flight with the background threads
+                self.buffer.changed.wait(0.05)
         self.raise_rejections()
 
     def close(self) -> None:
@@ -247,7 +246,7 @@ class MeterClient(ClientCore):
             if not background or not isinstance(exc, Exception):
                 raise
             return
-        self.buffer.done(len(batch))
+        self.buffer.done(batch)
 
     # --- reading --------------------------------------------------------------------------------
 

@@ -208,10 +208,10 @@ class ClientCore:
             rejected = [batch[i] for i in bad]
             error = InvalidRequest(error.status, error.error, details)
             self.buffer.requeue(good, due_now=True)
-            self.buffer.done(len(rejected))
+            self.buffer.done(rejected)
         else:
             rejected = batch
-            self.buffer.done(len(batch))
+            self.buffer.done(batch)
         with self._rejections_lock:
             self.rejections.append(Rejection(error, [e.decoded() for e in rejected]))
         self.report(error, rejected)

@@ -191,3 +191,31 @@ def test_read_helpers_answer_typed_values(gateway_url, admin_key, database_url, 
     assert isinstance(status, IngestStatus) and status.events.stored == 11 and status.events.balanced
     assert usage.tz == "Europe/Berlin" and {r.customer_id for r in usage.data} == {"a", "b"}
     assert all(isinstance(r.value, int | Decimal) for r in usage.data)
+
+
+def test_flush_waits_for_what_was_tracked_before_it_while_others_keep_tracking(
+    gateway_url, admin_key, nats_server, database_url, catalog
+):
+    stop = threading.Event()
+    with MeterClient(gateway_url, admin_key, batch_size=50, flush_interval=0.05) as meter:
+
+        def busy() -> None:
+            while not stop.is_set():
+                meter.track("api_call", "busy", PROPS)
+                time.sleep(0.0005)
+
+        other = threading.Thread(target=busy)
+        other.start()
+        try:
+            time.sleep(0.3)
+            mine = [meter.track("api_call", "mine", PROPS) for _ in range(5)]
+            started = time.monotonic()
+            meter.flush()
+            took = time.monotonic() - started
+        finally:
+            stop.set()
+            other.join(30)
+    assert took < 5
+    run_drain(nats_server.url, database_url, catalog)
+    stored = {r[0] for r in query(database_url, "SELECT id FROM usage_events WHERE customer_id = 'mine'")}
+    assert stored == set(mine)

@@ -89,10 +89,11 @@ def test_a_full_buffer_waits_then_raises_and_keeps_what_it_holds():
     assert (len(batch), buffer.inflight, len(buffer)) == (2, 2, 2)  # in flight still takes room
     buffer.requeue(batch)
     assert buffer.snapshot() == batch
-    buffer.take(1)
-    buffer.done(1)
-    buffer.put(make_event("x", "c"), timeout=0)
-    assert len(buffer) == 2
+    assert not buffer.settled_through(1)
+    buffer.done(buffer.take(1))
+    assert buffer.settled_through(1) and not buffer.settled_through(2)
+    buffer.put(make_event("x", "c"), timeout=0)  # room again
+    assert len(buffer) == 2 and buffer.last_seq == 3
 
 
 def test_the_key_comes_from_the_argument_the_environment_or_the_file(tmp_path, monkeypatch):
