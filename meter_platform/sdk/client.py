@@ -13,7 +13,7 @@ import httpx
 
 from meter_platform.sdk import core
 from meter_platform.sdk.core import ClientCore, ErrorCallback
-from meter_platform.sdk.errors import ApiError, DeliveryError, MeterError, NotFound
+from meter_platform.sdk.errors import ApiError, DeliveryError, NotFound
 from meter_platform.sdk.events import Encoded, batch_body, make_event, prepare_batch
 from meter_platform.sdk.models import IngestStatus, Invoice, Meter, StoredEvent, Usage
 from meter_platform.sdk.retry import (
@@ -293,4 +293,4 @@ class MeterClient(ClientCore):
         return core.decode(self._get("/v1/ingest/status"), IngestStatus)
 
 
-__all__ = ["MeterClient", "MeterError", "post_batch", "request_with_retry"]
+__all__ = ["MeterClient", "post_batch", "request_with_retry"]

@@ -12,7 +12,7 @@ import pytest
 from meter_platform.sdk import RetryPolicy, format_timestamp, resolve_api_key, uuid7
 from meter_platform.sdk.buffer import EventBuffer
 from meter_platform.sdk.errors import BufferFull
-from meter_platform.sdk.events import make_event, prepare
+from meter_platform.sdk.events import make_event, prepare_batch
 from meter_platform.sdk.retry import parse_retry_after
 
 
@@ -62,10 +62,21 @@ def test_an_event_is_checked_and_encoded_when_tracked():
 
 def test_send_keeps_the_events_fields_and_adds_id_and_timestamp():
     given = {"event_type": "x", "customer_id": "c", "timestamp": "2025-07-24T12:30:45+02:00", "extra": 1}
-    event = prepare(given)
-    body = msgspec.json.decode(event.raw)
-    assert body == {**given, "id": event.id, "timestamp": "2025-07-24T10:30:45.000000Z"}
+    canonical = {
+        "event_type": "x",
+        "customer_id": "c",
+        "id": "e2",
+        "timestamp": "2025-07-24T10:30:45.000000Z",
+    }
+    ids, body = prepare_batch([given, canonical])
+    assert uuid.UUID(ids[0]).version == 7 and ids[1] == "e2"
+    assert msgspec.json.decode(body) == [
+        {**given, "id": ids[0], "timestamp": "2025-07-24T10:30:45.000000Z"},
+        canonical,
+    ]
     assert "id" not in given  # the caller's mapping is not changed
+    with pytest.raises(ValueError, match="offset"):
+        prepare_batch([{**canonical, "timestamp": "2025-07-24T10:30:45"}])
 
 
 def test_retry_waits_grow_with_jitter_and_honour_retry_after():
