@@ -219,3 +219,39 @@ def test_flush_waits_for_what_was_tracked_before_it_while_others_keep_tracking(
     run_drain(nats_server.url, database_url, catalog)
     stored = {r[0] for r in query(database_url, "SELECT id FROM usage_events WHERE customer_id = 'mine'")}
     assert stored == set(mine)
+
+
+def test_batches_too_large_for_the_gateway_are_halved_and_refused_keys_rejected(
+    settings, catalog, clean, admin_key, nats_server, database_url
+):
+    from dataclasses import replace
+
+    from meter_platform.access import create_key
+    from meter_platform.sdk import PayloadTooLarge, PermissionDenied
+    from meter_platform.storage import db
+
+    gateway = GatewayThread(replace(settings, max_body_bytes=20_000), catalog).start()
+    big = {**PROPS, "endpoint": "/v1/" + "x" * 700}  # about 1 KB an event: 100 of them make a 413
+    try:
+        with MeterClient(gateway.url, admin_key, batch_size=100) as meter:
+            ids = [meter.track("api_call", "big", big) for _ in range(100)]
+            meter.flush()
+            assert meter.take_size() < 100  # later batches stay small enough
+            with pytest.raises(PayloadTooLarge):  # send() does not split: one request, refused
+                meter.send([{"event_type": "api_call", "customer_id": "big", "properties": big}] * 30)
+        with db.connect(database_url) as conn:
+            _, reader = create_key(conn, ["read"], name="reader")
+            conn.commit()
+        reported = []
+        meter = MeterClient(gateway.url, reader, on_error=lambda e, ev: reported.append((e, len(ev))))
+        for _ in range(3):
+            meter.track("api_call", "big", PROPS)
+        with pytest.raises(RejectedEvents) as caught:
+            meter.close()
+    finally:
+        gateway.stop()
+    (rejection,) = caught.value.rejections
+    assert isinstance(rejection.error, PermissionDenied) and len(rejection.events) == 3
+    assert [(type(e), n) for e, n in reported] == [(PermissionDenied, 3)]
+    run_drain(nats_server.url, database_url, catalog)
+    assert sorted(r[0] for r in query(database_url, "SELECT id FROM usage_events")) == sorted(ids)
