@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meter_platform.catalog import Catalog, load_catalog
 from meter_platform.config import EXAMPLE_CATALOG_DIR
+from meter_platform.runtime.servers import start_nats
 from tests.helpers import AUTH, RECENT_TS, backlog, query, run_drain, scalar
 from tests.test_webhook_mapping import github_signature, stripe_signature, svix_signature
 
@@ -46,6 +47,18 @@ def secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEST_SVIX_SECRET", SVIX_SECRET)
     monkeypatch.setenv("TEST_SVIX_SECRET_OLD", SVIX_OLD_SECRET)
     monkeypatch.delenv("TEST_NEVER_SET_SECRET", raising=False)
+
+
+#: The shared 2-core test machine can be slow: httpx's default of 5 s is too tight for a loaded box.
+TIMEOUT = 60.0
+
+
+def post(url: str, **kwargs: Any) -> httpx.Response:
+    return httpx.post(url, timeout=TIMEOUT, **kwargs)
+
+
+def get(url: str, **kwargs: Any) -> httpx.Response:
+    return httpx.get(url, timeout=TIMEOUT, **kwargs)
 
 
 def rejected(source: str, reason: str) -> float:
@@ -78,7 +91,7 @@ def send_stripe(
         "Stripe-Signature": stripe_signature(secret, body, timestamp),
         "Content-Type": "application/json",
     }
-    return httpx.post(f"{url}/v1/webhooks/stripe", content=body, headers=headers)
+    return post(f"{url}/v1/webhooks/stripe", content=body, headers=headers)
 
 
 def send_github(url: str, body: bytes, delivery: str, secret: str = GITHUB_SECRET) -> httpx.Response:
@@ -88,14 +101,14 @@ def send_github(url: str, body: bytes, delivery: str, secret: str = GITHUB_SECRE
         "X-Hub-Signature-256": github_signature(secret, body),
         "Content-Type": "application/json",
     }
-    return httpx.post(f"{url}/v1/webhooks/github", content=body, headers=headers)
+    return post(f"{url}/v1/webhooks/github", content=body, headers=headers)
 
 
 def send_svix(url: str, body: bytes, msg_id: str, *, signatures: list[str] | None = None) -> httpx.Response:
     ts = str(int(time.time()))
     sigs = signatures or [svix_signature(SVIX_SECRET, msg_id, ts, body)]
     headers = {"svix-id": msg_id, "svix-timestamp": ts, "svix-signature": " ".join(sigs)}
-    return httpx.post(f"{url}/v1/webhooks/svix", content=body, headers=headers)
+    return post(f"{url}/v1/webhooks/svix", content=body, headers=headers)
 
 
 def stored(database_url: str) -> dict[str, tuple[str, str, dict[str, Any]]]:
@@ -147,7 +160,7 @@ def test_stripe_github_and_svix_deliveries_are_stored_once_and_redeliveries_are_
     )
     assert rows[f"webhook:github:{github_delivery}:0"][1] == "octo-org"
     assert rows["webhook:svix:msg_2abc:0"] == ("message_sent", "acc_7", {"channel": "sms", "segments": 2})
-    event = httpx.get(f"{gateway_url}/v1/events/webhook:svix:msg_2abc:0", headers=AUTH).json()
+    event = get(f"{gateway_url}/v1/events/webhook:svix:msg_2abc:0", headers=AUTH).json()
     assert event["state"] == "stored" and event["timestamp"] == RECENT_TS
     assert event["metadata"] == {"webhook_source": "svix", "webhook_delivery": "msg_2abc"}
 
@@ -170,7 +183,7 @@ def test_stripe_github_and_svix_deliveries_are_stored_once_and_redeliveries_are_
     assert stored(database_url).keys() == rows.keys()  # nothing stored twice
     events, kept, duplicates, quarantined = ledger(database_url)
     assert (events, kept, duplicates, quarantined) == (10, 5, 5, 0)
-    usage = httpx.get(
+    usage = get(
         f"{gateway_url}/v1/meters/bytes_transferred/usage",
         params={"from": "2000-01-01T00:00:00Z", "to": "2100-01-01T00:00:00Z", "customer_id": "cus_42"},
         headers=AUTH,
@@ -186,7 +199,7 @@ def test_forged_and_stale_signatures_are_401_counted_and_keep_nothing(gateway_ur
     forged = send_stripe(gateway_url, body, secret="whsec_somebody_else")
     assert forged.status_code == 401
     assert forged.json()["details"] == [{"reason": "bad_signature"}] and "error" in forged.json()
-    tampered = httpx.post(
+    tampered = post(
         f"{gateway_url}/v1/webhooks/stripe",
         content=body.replace(b'"quantity": 1', b'"quantity": 9'),
         headers={"Stripe-Signature": stripe_signature(STRIPE_SECRET, body)},
@@ -196,7 +209,7 @@ def test_forged_and_stale_signatures_are_401_counted_and_keep_nothing(gateway_ur
         gateway_url, body, timestamp=int(time.time()) - 600
     )  # a valid signature, replayed late
     assert stale.status_code == 401 and stale.json()["details"] == [{"reason": "stale_timestamp"}]
-    unsigned = httpx.post(f"{gateway_url}/v1/webhooks/stripe", content=body)
+    unsigned = post(f"{gateway_url}/v1/webhooks/stripe", content=body)
     assert unsigned.status_code == 401 and unsigned.json()["details"] == [{"reason": "missing_signature"}]
     github = send_github(gateway_url, b'{"repository": {"owner": {"login": "x"}}}', "d-1", secret="wrong")
     assert github.status_code == 401
@@ -209,7 +222,7 @@ def test_forged_and_stale_signatures_are_401_counted_and_keep_nothing(gateway_ur
     # GET /metrics serves the count (the default registry).
     scraped = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(httpx.get(f"{gateway_url}/metrics").text)
+        for family in text_string_to_metric_families(get(f"{gateway_url}/metrics").text)
         for s in family.samples
     }
     key = ("meter_webhook_rejected_total", (("reason", "bad_signature"), ("source", "stripe")))
@@ -217,11 +230,11 @@ def test_forged_and_stale_signatures_are_401_counted_and_keep_nothing(gateway_ur
 
 
 def test_unknown_source_missing_secret_and_too_large(gateway_url, settings):
-    unknown = httpx.post(f"{gateway_url}/v1/webhooks/paypal", content=b"{}")
+    unknown = post(f"{gateway_url}/v1/webhooks/paypal", content=b"{}")
     assert unknown.status_code == 404 and "paypal" in unknown.json()["error"]
     before = rejected("unconfigured", "no_secret")
     body = b'{"customer": "c"}'
-    unset = httpx.post(
+    unset = post(
         f"{gateway_url}/v1/webhooks/unconfigured",
         content=body,
         headers={"X-Hub-Signature-256": github_signature("anything", body)},
@@ -230,14 +243,12 @@ def test_unknown_source_missing_secret_and_too_large(gateway_url, settings):
     assert unset.headers["Retry-After"] == "60"
     assert rejected("unconfigured", "no_secret") == before + 1
     huge = b'{"pad": "' + b"x" * settings.max_body_bytes + b'"}'
-    too_large = httpx.post(
-        f"{gateway_url}/v1/webhooks/github", content=huge, headers={"X-GitHub-Delivery": "big"}
-    )
+    too_large = post(f"{gateway_url}/v1/webhooks/github", content=huge, headers={"X-GitHub-Delivery": "big"})
     assert too_large.status_code == 413 and too_large.json()["error"]
 
 
 def quarantine_rows(gateway_url: str) -> list[dict[str, Any]]:
-    answer = httpx.get(f"{gateway_url}/v1/quarantine", params={"reason": "unmapped"}, headers=AUTH)
+    answer = get(f"{gateway_url}/v1/quarantine", params={"reason": "unmapped"}, headers=AUTH)
     assert answer.status_code == 200, answer.text
     return answer.json()["data"]
 
@@ -274,7 +285,7 @@ def test_a_signed_delivery_that_maps_to_nothing_is_quarantined_with_its_reasons(
     assert [r["field"] for r in partly.json()["quarantined"]["reasons"]] == ["data.object.lines.data[2]"]
     # (line 1 maps, without an endpoint: the catalog's `required` quarantines it in the pipeline)
 
-    pending = httpx.get(f"{gateway_url}/v1/events/webhook:github:ping-1:unmapped", headers=AUTH).json()
+    pending = get(f"{gateway_url}/v1/events/webhook:github:ping-1:unmapped", headers=AUTH).json()
     assert pending["state"] == "pending"
     run_drain(nats_server.url, database_url, catalog)
     rows = {r["id"]: r for r in quarantine_rows(gateway_url)}
@@ -288,7 +299,7 @@ def test_a_signed_delivery_that_maps_to_nothing_is_quarantined_with_its_reasons(
     assert ping_row["payload"] is None and json.loads(ping_row["payload_text"]) == json.loads(ping)
     assert rows["webhook:stripe:evt_part:unmapped"]["event_type"] == "api_call"
     assert set(stored(database_url)) == {"webhook:stripe:evt_part:0"}
-    state = httpx.get(f"{gateway_url}/v1/events/webhook:stripe:evt_part:1", headers=AUTH).json()
+    state = get(f"{gateway_url}/v1/events/webhook:stripe:evt_part:1", headers=AUTH).json()
     assert state["state"] == "quarantined"  # the required endpoint is missing
 
     # A redelivery of the ping (after JetStream's duplicate window too) is not quarantined twice.
@@ -297,3 +308,43 @@ def test_a_signed_delivery_that_maps_to_nothing_is_quarantined_with_its_reasons(
     assert len(quarantine_rows(gateway_url)) == 3
     events, kept, duplicates, quarantined = ledger(database_url)
     assert events == kept + duplicates + quarantined and quarantined == 4 and kept == 1
+
+
+def start_nats_again(nats_server) -> None:
+    """Start the (stopped) session nats-server again on its port and file store."""
+    nats_server.server = start_nats(nats_server.store, port=int(nats_server.url.rsplit(":", 1)[1]))
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def test_while_nats_is_down_deliveries_get_503_and_their_retries_are_kept_once(
+    gateway_url, nats_server, database_url, catalog
+):
+    push = json.dumps({"repository": {"owner": {"login": "octo-org"}}}).encode()
+    ping = json.dumps({"zen": "Anything added dilutes everything else."}).encode()
+    nats_server.server.stop()
+    try:
+        for answer in (send_github(gateway_url, push, "down-1"), send_github(gateway_url, ping, "down-ping")):
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["Retry-After"] and answer.json()["error"]
+    finally:
+        start_nats_again(nats_server)
+
+    def retried() -> bool:  # as GitHub would: the same delivery again, until it is taken
+        answer = send_github(gateway_url, push, "down-1")
+        assert answer.status_code in (202, 503), answer.text
+        return answer.status_code == 202
+
+    wait_until(retried)
+    assert send_github(gateway_url, ping, "down-ping").status_code == 202
+    assert send_github(gateway_url, push, "down-1").status_code == 202  # one retry too many
+    run_drain(nats_server.url, database_url, catalog)
+    assert set(stored(database_url)) == {"webhook:github:down-1:0"}
+    assert [r["id"] for r in quarantine_rows(gateway_url)] == ["webhook:github:down-ping:unmapped"]
+    events, kept, duplicates, quarantined = ledger(database_url)
+    assert events == kept + duplicates + quarantined and (kept, quarantined) == (1, 1)
