@@ -28,7 +28,7 @@ from meter_platform.meters.aggregates import (
     psycopg_bind,
 )
 from meter_platform.meters.rollups import delete_meter
-from meter_platform.meters.usage import UsageQuery, usage_sql
+from meter_platform.meters.usage import AGGREGATE_VALUES, UsageQuery, usage_sql
 
 
 @dataclass
@@ -48,9 +48,18 @@ class ReplayReport:
 
 
 def _totals(conn: psycopg.Connection, meter: Meter | None) -> dict[str, Any]:
-    """The meter's all-time value per customer, computed as the usage API computes it."""
+    """The meter's all-time value per customer: from its minutes (the level its rollups are sums of, so
+    a damaged rollup does not hide a damaged minute), else as the usage API computes it."""
     if meter is None:
         return {}
+    if meter.aggregation in AGGREGATE_VALUES:
+        rows = conn.execute(
+            f"SELECT customer_id, {AGGREGATE_VALUES[meter.aggregation]} FROM usage_minute_aggregates"
+            " WHERE meter_slug = %s AND minute < date_trunc('minute', now() + interval '1 day')"
+            " GROUP BY customer_id",
+            (meter.slug,),
+        ).fetchall()
+        return dict(rows)
     totals: dict[str, Any] = {}
     offset = 0
     while True:

@@ -123,11 +123,14 @@ def level_rows_sql(slug: str, customer_filter: str) -> str:
               AND {time} >= (SELECT min({col}) FROM {cte}) AND {time} <= (SELECT max({col}) FROM {cte})
               AND {time} IN (SELECT {col} FROM {cte})"""
         )
+    # One index range scan per span: OFFSET 0 keeps the lateral subquery from being flattened into a
+    # join, which the planner (not knowing the spans' bounds) would answer with a scan of the whole table.
     parts.append(
-        f"""SELECT minute AS t, {_VALUES}
-            FROM minute_spans s JOIN usage_minute_aggregates a
-              ON a.minute >= s.lo AND a.minute < s.hi AND a.minute + interval '1 minute' <= s.hi
-            WHERE meter_slug = {slug} {customer_filter}"""
+        f"""SELECT m.* FROM minute_spans s CROSS JOIN LATERAL (
+                SELECT minute AS t, {_VALUES} FROM usage_minute_aggregates
+                WHERE meter_slug = {slug} {customer_filter}
+                  AND minute >= s.lo AND minute < s.hi AND minute + interval '1 minute' <= s.hi
+                OFFSET 0) m"""
     )
     return "\n            UNION ALL\n            ".join(parts)
 

@@ -23,6 +23,14 @@ from meter_platform.meters.aggregates import Bind, event_expressions, sqlalchemy
 from meter_platform.meters.rollups import level_ctes_sql, level_rows_sql
 
 WINDOWS = ("minute", "hour", "day", "month")
+#: A numeric aggregation's value over rows of any level (minutes, hours, days, edge events as rows).
+AGGREGATE_VALUES = {
+    "count": "sum(event_count)",
+    "sum": "sum(value_sum)",
+    "min": "min(value_min)",
+    "max": "max(value_max)",
+    "avg": "sum(value_sum) / nullif(sum(value_count), 0)",
+}
 MAX_ROWS = 10_000
 
 
@@ -166,21 +174,20 @@ def _source_sql(
         else:
             value = "(array_agg(v ORDER BY ts DESC, id DESC) FILTER (WHERE v IS NOT NULL))[1]"
     else:
-        # Whole minutes from the aggregates (days, hours, minutes), the partial edge minutes from raw events.
+        # Whole minutes from the aggregates (days, hours, minutes), the partial edge minutes from raw events:
+        # two tight ranges, [start, inner_start) and [inner_end, end), so the index reads only the edges
+        # (the greatest() keeps a range inside one minute, where inner_start > inner_end, counted once).
         source = f"""
             {level_rows_sql(slug, customer_filter)}
             UNION ALL
             SELECT ts, customer_id, dims, 1, CASE WHEN v IS NULL THEN 0 ELSE 1 END, v, v, v
             FROM (SELECT ts, customer_id, {dims_sql} AS dims, {value_sql} AS v FROM usage_events, bounds b
-                  WHERE {where} {customer_filter} AND ts >= b.range_start AND ts < b.range_end
-                    AND (ts < b.inner_start OR ts >= b.inner_end)) edge"""
-        value = {
-            "count": "sum(event_count)",
-            "sum": "sum(value_sum)",
-            "min": "min(value_min)",
-            "max": "max(value_max)",
-            "avg": "sum(value_sum) / nullif(sum(value_count), 0)",
-        }[meter.aggregation]
+                  WHERE {where} {customer_filter} AND ts >= b.range_start AND ts < b.inner_start
+                  UNION ALL
+                  SELECT ts, customer_id, {dims_sql} AS dims, {value_sql} AS v FROM usage_events, bounds b
+                  WHERE {where} {customer_filter}
+                    AND ts >= greatest(b.inner_end, b.inner_start) AND ts < b.range_end) edge"""
+        value = AGGREGATE_VALUES[meter.aggregation]
     return source, value
 
 

@@ -17,6 +17,9 @@ CREATE TABLE usage_hour_aggregates (
     -- Range first: "all customers over a range" reads a contiguous slice.
     PRIMARY KEY (meter_slug, hour, customer_id, dims)
 );
+-- "One customer over a range" in a zone whose days are not UTC days (Europe/Berlin: most of a month
+-- is read as hours): without it, every customer's hours of the range are read.
+CREATE INDEX usage_hour_aggregates_customer ON usage_hour_aggregates (meter_slug, customer_id, hour);
 
 CREATE TABLE usage_day_aggregates (
     meter_slug   text        NOT NULL,
