@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 from ingest_gateway.events import lookup_event
 from ingest_gateway.gateway import gateway_of
-from ingest_gateway.http import ApiError, json_response
+from ingest_gateway.http import json_response
 from ingest_gateway.peers.bodies import read_json
 from ingest_gateway.peers.common import accept, scoped_id
 from ingest_gateway.peers.lago_errors import LagoError, documented, with_lago_errors
@@ -58,6 +58,9 @@ NAMES = {"event_type": "code", "customer_id": "external_customer_id", "id": "tra
          "timestamp": "timestamp", "properties": "properties", "metadata": "event"}  # fmt: skip
 #: Kept in ``metadata.lago`` (for GET /lago/api/v1/events/{transaction_id}).
 KEPT = ("transaction_id", "external_subscription_id", "external_customer_id", "precise_total_amount_cents")
+
+#: Who the event is for: one of the two is required.
+_WHO = {"external_subscription_id", "external_customer_id"}
 
 Errors = dict[str, list[str]]
 
@@ -98,10 +101,7 @@ def _check(item: dict[str, Any]) -> tuple[dict[str, Any], Errors]:
     code = _text(item, "code", errors, required=True)
     subscription = _text(item, "external_subscription_id", errors)
     customer = _text(item, "external_customer_id", errors)
-    if not (subscription or customer) and not errors.keys() & {
-        "external_subscription_id",
-        "external_customer_id",
-    }:
+    if not (subscription or customer) and not errors.keys() & _WHO:
         errors["external_subscription_id"] = ["value_is_mandatory"]
     properties = item.get("properties")
     if properties is not None and not isinstance(properties, dict):
@@ -311,4 +311,4 @@ OPENAPI_PATHS: dict[str, dict[str, Any]] = {
     },
 }
 
-__all__ = ["OPENAPI_PATHS", "ROUTES", "ApiError", "lago_event", "lago_timestamp", "to_event"]
+__all__ = ["OPENAPI_PATHS", "ROUTES", "lago_event", "lago_timestamp", "to_event"]
