@@ -28,7 +28,6 @@ from starlette.routing import Route
 from ingest_gateway.gateway import Gateway, gateway_of
 from ingest_gateway.http import ApiError, json_response, read_body, refuse
 from ingest_gateway.openapi import JSON, _errors, _obj, _ok, _p, _ref
-from ingest_gateway.peers.common import accept
 from ingest_gateway.webhook_signatures import SignatureError, secrets_of, verify
 from meter_platform.capture.envelope import now_us
 from meter_platform.capture.messages import UNMAPPED_HEADER, Failure
@@ -88,15 +87,13 @@ async def post_webhook(request: Request) -> Response:
     mapped = map_delivery(source, body, delivery, received_us, request.headers.get)
     answer: dict[str, Any] = {"accepted": len(mapped.events), "ids": [e.id for e in mapped.events]}
     if mapped.events:
-        problems = await accept(gw, mapped.events, received_us)
-        assert not problems, "map_delivery checked the times already"
+        # map_delivery checked them as POST /v1/events does (envelope, times): publish as it does.
+        await gw.publish(mapped.events, received_us)
     if mapped.problems:
         qid = quarantine_id(name, delivery)
-        await _publish_unmapped(gw, qid, source.events.event_type.const, mapped.problems, body, received_us)
-        answer["quarantined"] = {
-            "id": qid,
-            "reasons": [r.as_json() for r in mapped.problems[:MAX_REASONS]],
-        }
+        reasons = capped(mapped.problems)
+        await _publish_unmapped(gw, qid, source.events.event_type.const, reasons, body, received_us)
+        answer["quarantined"] = {"id": qid, "reasons": reasons}
     outcome = (
         "partly_quarantined"
         if mapped.events and mapped.problems
@@ -106,15 +103,20 @@ async def post_webhook(request: Request) -> Response:
     return json_response(answer, status=202)
 
 
-async def _publish_unmapped(
-    gw: Gateway, qid: str, event_type: Any, problems: list[Failure], body: bytes, received_us: int
-) -> None:
-    """Publish the raw delivery with its reasons; the pipeline quarantines it (never dropped)."""
-    assert gw.js is not None and gw.nc is not None
+def capped(problems: list[Failure]) -> list[dict[str, str]]:
+    """The reasons as answered and quarantined: at most :data:`MAX_REASONS`, then how many more."""
     reasons = [r.as_json() for r in problems[:MAX_REASONS]]
     if len(problems) > MAX_REASONS:
         more = len(problems) - MAX_REASONS
         reasons.append({"field": "", "reason": "unmapped", "message": f"and {more} more reason(s)"})
+    return reasons
+
+
+async def _publish_unmapped(
+    gw: Gateway, qid: str, event_type: Any, reasons: list[dict[str, str]], body: bytes, received_us: int
+) -> None:
+    """Publish the raw delivery with its reasons; the pipeline quarantines it (never dropped)."""
+    assert gw.js is not None and gw.nc is not None
     info = {
         "id": qid,
         "event_type": event_type if isinstance(event_type, str) else None,

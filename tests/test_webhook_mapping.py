@@ -317,3 +317,13 @@ def test_a_preset_changed_part_by_part_covers_standard_webhooks(tmp_path):
     # The id is part of what is signed: another id with the same signature does not pass.
     with pytest.raises(SignatureError):
         verify(source, keys, body, many, "msg_2", now)
+
+
+def test_reasons_are_capped_at_100_and_say_how_many_more():
+    from ingest_gateway.webhooks import MAX_REASONS, capped
+
+    one, _ = headers_of({})
+    mapped = map_delivery(example("stripe"), _stripe_invoice(["junk"] * 150), "e", now_us(), one)
+    reasons = capped(mapped.problems)
+    assert len(mapped.problems) == 150 and len(reasons) == MAX_REASONS + 1 == 101
+    assert reasons[-1]["message"] == "and 50 more reason(s)"
