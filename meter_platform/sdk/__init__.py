@@ -4,9 +4,13 @@
 from meter_platform.sdk import MeterClient
 
 with MeterClient("http://127.0.0.1:8080") as meter:   # key: METER_API_KEY, else .meter/api-key
-    meter.track("api_call", "cust_123", {"endpoint": "/v1/users", "method": "GET"})
-print(meter.usage("api_calls", customer_id="cust_123").total)
+    event_id = meter.track("api_call", "cust_123", {"endpoint": "/v1/users", "method": "GET"})
+    meter.flush()                                       # durable in JetStream once this returns
+    print(meter.event(event_id))                        # state pending, then stored
+    print(meter.usage("api_calls", customer_id="cust_123").total)
 ```
+
+See ``docs/examples/sdk_quickstart.py``.
 
 It depends only on the standard library, httpx and msgspec (``tests/sdk/test_isolation.py`` holds
 it so), so it can ship as its own distribution.
