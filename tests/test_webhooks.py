@@ -295,6 +295,8 @@ def test_a_signed_delivery_that_maps_to_nothing_is_quarantined_with_its_reasons(
         "webhook:stripe:evt_part:unmapped",
     }
     ping_row = rows["webhook:github:ping-1:unmapped"]
+    kept_ping = get(f"{gateway_url}/v1/events/webhook:github:ping-1:unmapped", headers=AUTH).json()
+    assert kept_ping["state"] == "quarantined" and kept_ping["reasons"] == body["quarantined"]["reasons"]
     assert ping_row["reasons"] == body["quarantined"]["reasons"]
     assert ping_row["payload"] is None and json.loads(ping_row["payload_text"]) == json.loads(ping)
     assert rows["webhook:stripe:evt_part:unmapped"]["event_type"] == "api_call"
