@@ -83,11 +83,12 @@ def route_label(route: BaseRoute) -> str:
 class RouteIndex:
     """Finds the route template of a request, cheaply.
 
-    A request the router took carries its ``endpoint`` in the scope: the route is looked up by it (one
-    dict access; a handler serving several routes is matched among those only). A request that never
-    reached the router (refused by the API-key check) or matched no route is matched against every
-    route, which costs about 10 us a route: those answers are remembered per (method, path), up to
-    :data:`_SLOW_CACHE` of them.
+    When the router took the request in this very scope, the scope carries its ``endpoint`` and the
+    route is looked up by it (one dict access; a handler serving several routes is matched among those
+    only). Otherwise (the API-key check hands /v1 requests on in a copy of the scope, refuses some,
+    or no route matched) the request is matched against the routes in order, a few microseconds a
+    route; those answers are remembered per (method, path), up to :data:`_SLOW_CACHE` of them, so a
+    fixed path such as ``POST /v1/events`` is matched once.
     """
 
     def __init__(self, routes: list[BaseRoute]):

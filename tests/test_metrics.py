@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from ingest_gateway.metrics_pipeline import Snapshot, StreamFigures, families
 from meter_platform.runtime.launch import PROMETHEUS_MULTIPROC_DIR, gateway_command, gateway_env, platform_env
 from meter_platform.runtime.servers import free_port
 from tests.helpers import api_call, run_drain
@@ -236,3 +237,24 @@ def test_the_grafana_dashboard_uses_only_metrics_the_gateway_serves(
     named = {name for expr in exprs for name in re.findall(r"\bmeter_\w+", expr)}
     missing = {n for n in named if n not in served and re.sub(r"_(bucket|sum|count)$", "", n) not in served}
     assert not missing, missing
+
+
+def test_families_leave_out_what_a_dependency_did_not_tell():
+    """The pure part: without PostgreSQL the backlog's uncounted is unknown (left out, not 0)."""
+    stream = StreamFigures(
+        last_seq=10,
+        first_seq=6,
+        messages=5,
+        bytes=1,
+        created=None,
+        pending=5,
+        ack_pending=0,
+        ack_floor=5,
+        oldest_waiting=None,
+    )
+    names = {m.name for m in families(Snapshot(stream=stream))}
+    assert "meter_jetstream_consumer_pending" in names and "meter_jetstream_consumer_uncounted" not in names
+    assert not any(n.startswith("meter_pipeline_events") for n in names)
+    nothing = {m.name: m for m in families(Snapshot())}
+    assert {s.value for s in nothing["meter_scrape_dependency_up"].samples} == {0}
+    assert set(nothing) == {"meter_scrape_dependency_up", "meter_scrape_read_seconds"}
