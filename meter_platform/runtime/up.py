@@ -17,8 +17,13 @@ import asyncio
 import json
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import APIError
 
 from meter_platform.access.keys import KEY_FILE, ensure_key_file
 from meter_platform.capture import jetstream
@@ -208,13 +213,35 @@ def _api_key(settings: Settings, database_url: str) -> None:
     _say(f"it is also in {path} (mode 0600), which `meter` and the demo read")
 
 
-def _prepare_stream(nats_url: str) -> None:
-    """Create the stream and consumer when missing; changed METER_STREAM_MAX_* take effect now."""
+def _unavailable(exc: Exception) -> bool:
+    """JetStream cannot answer yet (no leader), as opposed to refusing the request."""
+    if isinstance(exc, APIError):
+        return exc.code == 503
+    return isinstance(exc, (NatsTimeoutError, NoRespondersError))
+
+
+def prepare_stream(nats_url: str, timeout: float = 90) -> None:
+    """Create the stream and consumer when missing; changed METER_STREAM_MAX_* and
+    METER_STREAM_REPLICAS take effect now.
+
+    A cluster started again answers once its meta leader is elected, but the stream's own Raft group
+    elects its leader a few seconds later (seen: a 5 s stream-info timeout): until then, try again.
+    """
 
     async def prepare() -> None:
         nc = await jetstream.connect(nats_url, name="meter-up")
+        deadline, said = time.monotonic() + timeout, False
         try:
-            await jetstream.ensure_stream_and_consumer(nc.jetstream(), apply_limits=True)
+            while True:
+                try:
+                    return await jetstream.ensure_stream_and_consumer(nc.jetstream(), apply_limits=True)
+                except Exception as exc:
+                    if not _unavailable(exc) or time.monotonic() > deadline:
+                        raise
+                if not said:
+                    said = True
+                    _say("waiting for the events stream to elect its leader in the NATS cluster")
+                await asyncio.sleep(1)
         finally:
             await nc.close()
 
@@ -293,7 +320,7 @@ def up(nats_cluster: int = 0) -> int:
         database_url = settings.database_url or _embedded_postgres(platform, settings)
         dagster_db = _prepare_database(database_url, catalog)
         _api_key(settings, database_url)
-        _prepare_stream(nats_url)
+        prepare_stream(nats_url)
         _start_services(platform, settings, nats_url, database_url, dagster_db)
         _announce(settings, nats_url, database_url)
         platform.supervisor.run()
