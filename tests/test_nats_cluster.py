@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -206,15 +207,17 @@ class Drainer:
                 time.sleep(0.5)
 
 
-def kill_and_restart(cluster: NatsCluster, senders: list[Sender]) -> tuple[str, float, float]:
-    """kill -9 the stream's leader; once a request sent after the kill got its 202 and 2 s more went
+def kill_and_restart(cluster: NatsCluster, senders: list[Sender], sig: int) -> tuple[str, float, float]:
+    """Signal the stream's leader (SIGKILL: kill -9; SIGTERM: a clean stop, as for an upgrade); once a request sent after the kill got its 202 and 2 s more went
     by with the node still down, let a supervisor restart it. (node, kill time, seconds to first 202)"""
     leader = cluster.node(stream_info(cluster.url).cluster.leader)
     assert leader.server is not None
     supervisor = Supervisor(print, first_delay=0.5)
     for node in cluster.nodes:
         supervisor.add(node.name, node.start, server=node.server)
-    leader.server.process.kill()  # kill -9: no goodbye to the cluster, no flush
+    leader.server.process.send_signal(sig)  # SIGKILL: no goodbye to the cluster, no flush
+    if sig == signal.SIGTERM:
+        leader.server.process.wait(20)
     killed_at = time.monotonic()
     while outage([c for s in senders for c in s.calls], killed_at)[2] == float("inf"):
         assert time.monotonic() - killed_at < 30, "no 202 within 30 s of losing one node of three"
@@ -228,8 +231,9 @@ def kill_and_restart(cluster: NatsCluster, senders: list[Sender]) -> tuple[str, 
     return leader.name, killed_at, recovered
 
 
-def test_killing_the_stream_leader_under_load_loses_and_doubles_nothing(
-    cluster_gateway: str, cluster_stream: NatsCluster, database_url, catalog
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "stop"])
+def test_losing_the_stream_leader_under_load_loses_and_doubles_nothing(
+    cluster_gateway: str, cluster_stream: NatsCluster, database_url, catalog, sig: int
 ):
     stop = threading.Event()
     senders = [Sender(cluster_gateway, f"s{i}", batch, stop) for i, batch in enumerate((50, 50, 5))]
@@ -238,7 +242,7 @@ def test_killing_the_stream_leader_under_load_loses_and_doubles_nothing(
     for thread in threads:
         thread.start()
     time.sleep(2)
-    leader, killed_at, recovered = kill_and_restart(cluster_stream, senders)
+    leader, killed_at, recovered = kill_and_restart(cluster_stream, senders, sig)
     time.sleep(2)
     stop.set()
     for thread in threads:
@@ -247,7 +251,7 @@ def test_killing_the_stream_leader_under_load_loses_and_doubles_nothing(
     calls = [c for s in senders for c in s.calls]
     gap, span, _ = outage(calls, killed_at)
     counts = {c: sum(1 for *_, status in calls if status == c) for c in (202, 503)}
-    print(f"killed leader {leader}; first 202 sent after the kill {recovered:.2f}s after it; longest "
+    print(f"{signal.Signals(sig).name} to leader {leader}; first 202 sent after the kill {recovered:.2f}s after it; longest "
           f"time without a 202 {gap:.2f}s; 503s from first to last {span:.2f}s; {counts}; the restarted "
           f"node caught up {caught_up:.2f}s after the senders stopped; drains meanwhile stored "
           f"{drainer.stored}, {len(drainer.failures)} failed: {drainer.failures[:3]}")  # fmt: skip
