@@ -7,6 +7,7 @@ Events go through the real micro-batch writer into the session's PostgreSQL (no 
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -18,6 +19,7 @@ from meter_platform import quality
 from meter_platform.capture.envelope import GatewayBatch, datetime_to_us, encode_batch
 from meter_platform.capture.messages import Message
 from meter_platform.config import BATCH_HEADER, GATEWAY_SUBJECT
+from meter_platform.ingestion.quarantine_replay import replay_quarantine
 from meter_platform.ingestion.writer import MicroBatchWriter
 from meter_platform.meters.aggregates import MeterChange, psycopg_bind
 from meter_platform.meters.rebuild import replay_meter, sync_meters
@@ -59,9 +61,12 @@ def _events(rng: random.Random, n: int, ids: int) -> list[Ev]:
     ]
 
 
-def _send(database_url: str, evs: list[Ev], first_seq: int = 1, chunk: int = 20) -> None:
-    """The events through the micro-batch writer, ``chunk`` per message, three messages per batch."""
-    writer = MicroBatchWriter(CATALOG, database_url)
+def _send(
+    database_url: str, evs: list[Ev], first_seq: int = 1, chunk: int = 20, late: timedelta | None = None
+) -> None:
+    """The events through the micro-batch writer, ``chunk`` per message, three messages per batch
+    (with ``late``, events older than that when received are quarantined as too late)."""
+    writer = MicroBatchWriter(CATALOG, database_url, late)
     received = datetime_to_us(BASE + timedelta(days=4))
     messages = []
     for seq, i in enumerate(range(0, len(evs), chunk), first_seq):
@@ -203,6 +208,24 @@ def test_duplicates_and_redeliveries_do_not_change_rollups(fresh):
     assert compared > 0 and differing == 0
 
 
+def test_a_quarantine_replay_adds_to_rollups_once(fresh):
+    evs = _events(random.Random(17), 300, 250)
+    _send(fresh, evs, late=timedelta(hours=1))  # received four days after BASE: all too late
+    with db.connect(fresh) as conn:
+        assert _rollup_rows(conn) == []
+    assert replay_quarantine(fresh, CATALOG, max_lateness=timedelta(days=30)).stored == len(_stored(evs))
+    with db.connect(fresh) as conn:
+        after = _rollup_rows(conn)
+        assert after and _mismatches(conn)[1] == 0
+        meter = CATALOG.meter("amount_sum")
+        assert meter is not None
+        q = Q("amount_sum", "day", "Europe/Berlin", *RANGES[2], ("customer_id",), None)
+        assert _answer(conn, meter, q, BASE) == reference(_stored(evs), meter, q, BASE)
+    assert replay_quarantine(fresh, CATALOG, max_lateness=timedelta(days=30)).stored == 0
+    with db.connect(fresh) as conn:
+        assert _rollup_rows(conn) == after
+
+
 def test_a_rebuild_leaves_rollups_equal_to_minutes_and_the_check_catches_a_damaged_one(fresh):
     _send(fresh, _events(random.Random(3), 300, 10_000))
     settings = quality.QualitySettings(lookback=timedelta(days=5))
@@ -226,6 +249,7 @@ def test_a_rebuild_leaves_rollups_equal_to_minutes_and_the_check_catches_a_damag
         levels = [(m["meter"], m["level"]) for m in bad.metadata["first_rollup_mismatches"]]
         assert levels == [("requests", "day"), ("amount_sum", "hour")]
         assert "rollups differ" in bad.description
+        json.dumps(bad.metadata)  # stored as the check's metadata: plain JSON values only
         assert _mismatches(conn)[1] > 0
         for slug in ("requests", "amount_sum"):
             meter = CATALOG.meter(slug)

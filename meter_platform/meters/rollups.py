@@ -144,8 +144,9 @@ def rollup_mismatches_sql(level: str) -> str:
     hi = f"date_trunc('{level}', CAST(%(end)s AS timestamptz), 'UTC')"
     return f"""
         WITH mins AS (
-            SELECT date_trunc('{level}', minute, 'UTC') AS p, customer_id, dims, sum(event_count) AS event_count,
-                   sum(value_count) AS value_count, sum(value_sum) AS value_sum,
+            SELECT date_trunc('{level}', minute, 'UTC') AS p, customer_id, dims,
+                   CAST(sum(event_count) AS bigint) AS event_count,
+                   CAST(sum(value_count) AS bigint) AS value_count, sum(value_sum) AS value_sum,
                    min(value_min) AS value_min, max(value_max) AS value_max
             FROM usage_minute_aggregates
             WHERE meter_slug = %(slug)s AND minute >= {lo} AND minute < {hi}
