@@ -296,3 +296,9 @@ def test_the_whole_cluster_started_again_on_new_ports_keeps_its_stream(
         wait_caught_up(again.url, "n1")
     finally:
         again.stop()
+
+
+def test_three_replicas_on_a_single_server_is_a_clear_error(nats_server, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("METER_STREAM_REPLICAS", "3")
+    with pytest.raises(RuntimeError, match="needs a NATS cluster of at least 3 nodes"):
+        prepare_stream(nats_server.url, timeout=5)

@@ -28,7 +28,7 @@ from nats.js.errors import APIError
 from meter_platform.access.keys import KEY_FILE, ensure_key_file
 from meter_platform.capture import jetstream
 from meter_platform.catalog import Catalog, load_catalog
-from meter_platform.config import PACKAGE_DIR, Settings, load_settings
+from meter_platform.config import PACKAGE_DIR, STREAM_NAME, Settings, load_settings, load_stream_replicas
 from meter_platform.ingestion.validation import validate_catalog_types
 from meter_platform.meters.rebuild import format_report, sync_meters
 from meter_platform.runtime.health import JetStreamHealth
@@ -220,6 +220,18 @@ def _unavailable(exc: Exception) -> bool:
     return isinstance(exc, (NatsTimeoutError, NoRespondersError))
 
 
+def _stream_refused(exc: APIError) -> RuntimeError:
+    """A clear message for a stream JetStream will not create or change (replicas it cannot place)."""
+    replicas = load_stream_replicas()
+    hint = (
+        f" METER_STREAM_REPLICAS={replicas} needs a NATS cluster of at least {replicas} nodes"
+        " (`meter up --nats-cluster 3`, or METER_NATS_URL listing a cluster's servers); 1 suits a single server."
+        if replicas > 1
+        else ""
+    )
+    return RuntimeError(f"JetStream refused the events stream {STREAM_NAME}: {exc.description}.{hint}")
+
+
 def prepare_stream(nats_url: str, timeout: float = 90) -> None:
     """Create the stream and consumer when missing; changed METER_STREAM_MAX_* and
     METER_STREAM_REPLICAS take effect now.
@@ -235,6 +247,9 @@ def prepare_stream(nats_url: str, timeout: float = 90) -> None:
             while True:
                 try:
                     return await jetstream.ensure_stream_and_consumer(nc.jetstream(), apply_limits=True)
+                except APIError as exc:
+                    if not _unavailable(exc) or time.monotonic() > deadline:
+                        raise _stream_refused(exc) from exc
                 except Exception as exc:
                     if not _unavailable(exc) or time.monotonic() > deadline:
                         raise
