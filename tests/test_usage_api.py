@@ -497,6 +497,7 @@ def test_from_far_back_is_echoed_as_rfc3339(client, send):
         ),
         ("/v1/meters/api_calls/usage", {"tz": "Mars/Olympus_Mons"}, "Mars/Olympus_Mons"),
         ("/v1/meters/api_calls/usage", {"tz": "../../etc/passwd"}, "tz"),
+        ("/v1/meters/api_calls/usage", {"tz": "Europe/" + "x" * 300}, "tz"),  # was a 500 (OSError)
         ("/v1/meters/api_calls/usage", {"window": "week"}, "week"),
         ("/v1/meters/api_calls/usage", {"window": "DAY"}, "window"),
         ("/v1/meters/api_calls/usage", {"from": "yesterday"}, "from"),

@@ -68,7 +68,7 @@ def build_query(meter: Meter, params: dict[str, str], now: datetime | None = Non
     tz = params.get("tz") or "UTC"
     try:
         ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # OSError: a name too long for a path
         raise UsageQueryError(f"tz {tz!r} is not an IANA time zone (e.g. Europe/Berlin)") from exc
     if "\x00" in (params.get("customer_id") or ""):
         raise UsageQueryError("customer_id must not contain the NUL character")
