@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ingest_gateway import auth, billing, events, meters, metrics, peers, quarantine, status, webhooks
+from ingest_gateway import auth, billing, events, keys, meters, metrics, peers, quarantine, status, webhooks
 from ingest_gateway.gateway import Gateway
 from ingest_gateway.http import ApiError, json_response
 from ingest_gateway.metrics_http import RequestMetrics
@@ -53,10 +53,10 @@ ROUTES = [
     Route("/v1/invoices/{invoice_id}.html", billing.invoice_html, methods=["GET"]),
     Route("/v1/invoices/{invoice_id}", billing.get_invoice, methods=["GET"]),
     # API keys and the audit log (admin)
-    Route("/v1/keys", auth.list_keys, methods=["GET"]),
-    Route("/v1/keys", auth.create_key, methods=["POST"]),
-    Route("/v1/keys/{key_id}", auth.revoke_key, methods=["DELETE"]),
-    Route("/v1/audit", auth.list_audit, methods=["GET"]),
+    Route("/v1/keys", keys.list_keys, methods=["GET"]),
+    Route("/v1/keys", keys.create_key, methods=["POST"]),
+    Route("/v1/keys/{key_id}", keys.revoke_key, methods=["DELETE"]),
+    Route("/v1/audit", keys.list_audit, methods=["GET"]),
     # operations
     Route("/v1/ingest/status", status.ingest_status, methods=["GET"]),
     Route("/healthz", status.healthz, methods=["GET"]),

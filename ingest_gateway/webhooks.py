@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from ingest_gateway.gateway import Gateway, gateway_of
 from ingest_gateway.http import ApiError, json_response, read_body, refuse
-from ingest_gateway.openapi import JSON, _errors, _obj, _ok, _p, _ref
+from ingest_gateway.openapi_parts import JSON, _errors, _obj, _ok, _p, _ref
 from ingest_gateway.webhook_signatures import SignatureError, secrets_of, verify
 from meter_platform.capture.envelope import now_us
 from meter_platform.capture.messages import UNMAPPED_HEADER, Failure

@@ -13,10 +13,12 @@ import os
 import time
 from collections.abc import Callable
 
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from meter_platform.capture.jetstream import connect, ensure_stream_and_consumer, stream_incarnation
-from meter_platform.capture.messages import from_nats
+from meter_platform.capture.messages import Message, from_nats
 from meter_platform.catalog import Catalog
 from meter_platform.config import CONSUMER_NAME, STREAM_NAME, DrainSettings
 from meter_platform.ingestion.counts import BatchCounts
@@ -77,18 +79,8 @@ async def drain(
                 last_seen = time.monotonic()
                 fetch_seconds = time.perf_counter() - fetch_began  # includes waiting for the first message
                 messages = [from_nats(m, stream_created) for m in fetched]
-                # Steps 2-4, off the event loop so the NATS connection stays responsive.
-                counts = await asyncio.to_thread(writer.write, messages, run_id)
-                if crash_after_commit:
-                    raise RuntimeError("simulated crash between commit and ack")
-                # 5. Only now, after the commit, ack. A crash before this line means redelivery, which
-                # step 3a turns into a no-op.
-                ack_began = time.perf_counter()
-                for m in fetched:
-                    await m.ack()
-                await nc.flush()
+                counts = await _commit_then_ack(nc, writer, fetched, messages, run_id, crash_after_commit)
                 counts.stages["fetch"] = fetch_seconds
-                counts.stages["ack"] = time.perf_counter() - ack_began
                 total.add(counts)
                 if on_batch is not None:
                     on_batch(counts)
@@ -103,6 +95,29 @@ async def drain(
             beating.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beating
+
+
+async def _commit_then_ack(
+    nc: Client,
+    writer: MicroBatchWriter,
+    fetched: list[Msg],
+    messages: list[Message],
+    run_id: str | None,
+    crash_after_commit: bool,
+) -> BatchCounts:
+    """Steps 2-5 for one fetched batch: write and commit (off the event loop, so the NATS connection
+    stays responsive), then ack."""
+    counts = await asyncio.to_thread(writer.write, messages, run_id)
+    if crash_after_commit:
+        raise RuntimeError("simulated crash between commit and ack")
+    # 5. Only now, after the commit, ack. A crash before this line means redelivery, which step 3a
+    # turns into a no-op.
+    ack_began = time.perf_counter()
+    for m in fetched:
+        await m.ack()
+    await nc.flush()
+    counts.stages["ack"] = time.perf_counter() - ack_began
+    return counts
 
 
 async def _beat(heartbeat: Callable[[], None], every: float) -> None:
