@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
 from nats.js.errors import NotFoundError, ServerError
 
 from ingest_gateway.app import create_app
@@ -20,9 +17,9 @@ from meter_platform.capture import jetstream
 from meter_platform.catalog import Catalog, load_catalog
 from meter_platform.config import EXAMPLE_CATALOG_DIR, STREAM_NAME, Settings
 from meter_platform.meters.rebuild import sync_meters
-from meter_platform.runtime.servers import Server, free_port, start_nats, start_postgres
+from meter_platform.runtime.servers import Server, start_nats, start_postgres
 from meter_platform.storage import db
-from tests.helpers import ADMIN_KEY, ADMIN_KEY_ID
+from tests.helpers import ADMIN_KEY, ADMIN_KEY_ID, serve
 
 TABLES = (
     "usage_minute_aggregates",
@@ -153,16 +150,5 @@ def settings(
 @pytest.fixture
 def gateway_url(settings, catalog, clean) -> Iterator[str]:
     """The real gateway app served by uvicorn in a background thread on a free port."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, catalog), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serve(create_app(settings, catalog)) as url:
+        yield url

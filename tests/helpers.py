@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -100,3 +104,25 @@ def backlog(nats_url: str) -> jetstream.Backlog:
 ADMIN_KEY = "mk_live_tests-admin-key-0000000000000000000000000"
 ADMIN_KEY_ID = "key_tests_admin"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@contextlib.contextmanager
+def serve(app: Any, port: int | None = None, name: str = "gateway") -> Iterator[str]:
+    """Serve an ASGI app with uvicorn in a background thread (on ``port`` or a free one); its URL."""
+    import uvicorn
+
+    from meter_platform.runtime.servers import free_port
+
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name=name, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, f"the {name} did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

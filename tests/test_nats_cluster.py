@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from nats.js.api import StreamInfo
 from nats.js.errors import NotFoundError
 
@@ -26,10 +25,9 @@ from ingest_gateway.app import create_app
 from meter_platform.capture import jetstream
 from meter_platform.config import CONSUMER_NAME, STREAM_NAME, Settings
 from meter_platform.runtime.nats_cluster import NatsCluster, start_nats_cluster
-from meter_platform.runtime.servers import free_port
 from meter_platform.runtime.supervisor import Supervisor
 from meter_platform.runtime.up import prepare_stream
-from tests.helpers import AUTH, api_call, query, run_drain, scalar
+from tests.helpers import AUTH, api_call, query, run_drain, scalar, serve
 
 
 @pytest.fixture(scope="session")
@@ -112,19 +110,8 @@ def test_meter_up_raises_the_replicas_of_an_existing_one_replica_stream(
 def cluster_gateway(clean, cluster_stream, database_url, admin_key, catalog, tmp_path: Path) -> Iterator[str]:
     """The real gateway app, pointed at the cluster's three URLs, served by uvicorn on a free port."""
     settings = Settings(nats_url=cluster_stream.url, database_url=database_url, data_dir=tmp_path / ".meter")
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings, catalog), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, name="cluster-gateway", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serve(create_app(settings, catalog), name="cluster-gateway") as url:
+        yield url
 
 
 @dataclass
