@@ -41,8 +41,13 @@ check: install
 	$(BIN)/mypy meter_platform ingest_gateway
 	$(BIN)/python -m pytest
 
+# Capture and end to end (ingest_bench.py), freshness after a quiet spell on the whole platform
+# (quiet.py), and usage queries at volume (query.py; BENCH_QUERY_EVENTS=20000000 for the issue's 20M).
+BENCH_QUERY_EVENTS ?= 2000000
 bench: install
 	$(BIN)/python bench/ingest_bench.py
+	$(BIN)/python bench/quiet.py
+	$(BIN)/python bench/query.py --events $(BENCH_QUERY_EVENTS)
 
 # kill -9 every part of the platform under load, then count acked vs stored (README: Chaos suite).
 # CHAOS_ARGS='--scenarios nats,gateway' runs a few; chaos-short runs each fault once (~25 min for all).
