@@ -298,7 +298,7 @@ def _announce(settings: Settings, nats_url: str, database_url: str) -> None:
                "database_url": database_url, "pid": os.getpid()}  # fmt: skip
     (settings.data_dir / RUNTIME_FILE).write_text(json.dumps(runtime, indent=2))
     _say(f"gateway     {gateway_url}   (POST /v1/events, GET /v1/ingest/status)")
-    _say(f"Dagster UI  {dagster_url}   (starting; the sensor launches runs as events arrive)")
+    _say(f"Dagster UI  {dagster_url}   (starting; the sensor keeps an ingestion run draining)")
     _say(f"NATS        {nats_url}")
     _say(f"PostgreSQL  {database_url}")
     _say(f"logs in {settings.data_dir / 'logs'}; try `meter demo --events 100000`; Ctrl-C stops everything")
