@@ -20,7 +20,7 @@ import psycopg
 from clients import LoadClient, count_error
 from events import EventFactory, utc_stamp
 from report import fmt_ms, pct, say
-from stack import CpuMeter, Stack
+from stack import CpuMeter, Stack, peak_rss_mb
 
 from meter_platform.storage import db
 
@@ -45,6 +45,7 @@ class E2EResult:
     probes: list[tuple[str, str]] = field(default_factory=list)  # (event id, its unique customer)
     errors: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
     drain: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -207,6 +208,10 @@ async def e2e_stage(
         res.total_seconds = time.perf_counter() - start
         res.visible_total = vis.counted - baseline
         res.cpu = cpu.stop()
+        # Peak memory so far of the processes the targets name (the gateway, the drain).
+        res.peak_rss_mb = {
+            n: peak_rss_mb(pid) for n, pid in stack.pids().items() if n in ("gateway", "drain")
+        }
     stop_polling.set()
     await poller
     res.freshness = vis.freshness

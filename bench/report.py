@@ -165,7 +165,9 @@ def print_e2e(stages: list[E2EResult], args: argparse.Namespace) -> None:
             f"  {s.name}: {s.accepted:,} events accepted in {s.send_seconds:.1f} s, all visible after "
             f"{s.total_seconds:.1f} s; {len(s.freshness)} probes ({s.probes_lost} not seen); drain: "
             f"{d.get('batches', 0):.0f} batches, {per_batch}, writer busy {d.get('write_seconds', 0):.1f} s "
-            f"({write_rate:,.0f} events/s while writing); CPU {fmt_cpu(s.cpu)}"
+            f"({write_rate:,.0f} events/s while writing); CPU {fmt_cpu(s.cpu)}; peak RSS "
+            + ", ".join(f"{n} {mb:,.0f} MiB" for n, mb in s.peak_rss_mb.items())
+            + " (targets: gateway <= 200, drain <= 1024)"
             + (f"; errors {s.errors}" if s.errors else "")
         )
         print(f"  {s.name}: {_stage_line(d)}")
