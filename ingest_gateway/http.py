@@ -91,17 +91,22 @@ async def read_body(request: Request, limit: int) -> bytes:
 MAX_ADMIN_BODY = 64 * 1024
 
 
-async def read_json_object(request: Request, limit: int = MAX_ADMIN_BODY) -> dict[str, Any]:
-    """A JSON object body (an empty body is ``{}``); a clear 400 for anything else, however broken."""
-    body = await read_body(request, limit)
+def decode_json(body: bytes) -> Any:
+    """A body as JSON; a clear 400 for anything that is not, however broken (invalid UTF-8, too deep)."""
     try:
-        data = msgspec.json.decode(body) if body.strip() else {}
+        return msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"The body is not valid JSON ({exc}).") from exc
     except RecursionError as exc:  # msgspec's answer to very deep nesting
         raise ApiError(400, f"The body is not usable: {TOO_DEEP}.") from exc
     except UnicodeDecodeError as exc:  # msgspec's answer to invalid UTF-8 inside a string
         raise ApiError(400, f"The body is not usable: {BAD_UTF8}.") from exc
+
+
+async def read_json_object(request: Request, limit: int = MAX_ADMIN_BODY) -> dict[str, Any]:
+    """A JSON object body (an empty body is ``{}``); a clear 400 for anything else, however broken."""
+    body = await read_body(request, limit)
+    data = decode_json(body) if body.strip() else {}
     if not isinstance(data, dict):
         raise ApiError(400, "The body must be a JSON object.")
     return data

@@ -126,3 +126,18 @@ def serve(app: Any, port: int | None = None, name: str = "gateway") -> Iterator[
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def limit_stream(url: str, max_msgs: int) -> None:
+    """Set the events stream's message limit (-1: none); a full stream refuses publishes."""
+
+    async def update() -> None:
+        nc = await jetstream.connect(url, name="tests")
+        try:
+            config = jetstream.stream_config()
+            config.max_msgs = max_msgs
+            await nc.jetstream().update_stream(config)
+        finally:
+            await nc.close()
+
+    asyncio.run(update())

@@ -26,7 +26,7 @@ from ingest_gateway.app import create_app
 from meter_platform.capture import jetstream
 from meter_platform.config import CONSUMER_NAME, STREAM_NAME, DrainSettings
 from meter_platform.runtime.servers import start_nats
-from tests.helpers import AUTH, api_call, backlog, publish, query, run_drain, scalar
+from tests.helpers import AUTH, api_call, backlog, limit_stream, publish, query, run_drain, scalar
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -420,18 +420,8 @@ def test_503_while_nats_is_down_then_the_gateway_recovers(client, nats_server, d
     assert {"before", "after"} <= set(stored_ids(database_url))
 
 
-async def _limit_stream(url: str, max_msgs: int) -> None:
-    nc = await jetstream.connect(url, name="tests")
-    try:
-        config = jetstream.stream_config()
-        config.max_msgs = max_msgs
-        await nc.jetstream().update_stream(config)
-    finally:
-        await nc.close()
-
-
 def test_503_when_the_stream_is_full_and_nothing_accepted_is_lost(client, nats_server, database_url, catalog):
-    asyncio.run(_limit_stream(nats_server.url, 2))
+    limit_stream(nats_server.url, 2)
     assert post(client, [api_call("f1"), api_call("f2")]).status_code == 202
     assert post(client, api_call("f3")).status_code == 202
     response = post(client, [api_call("f4"), api_call(None)])
@@ -791,7 +781,7 @@ def test_readyz_is_503_while_publishes_fail_until_the_stream_has_room(
     client, nats_server, database_url, catalog, monkeypatch
 ):
     assert client.get("/readyz").status_code == 200
-    asyncio.run(_limit_stream(nats_server.url, 1))
+    limit_stream(nats_server.url, 1)
     assert post(client, api_call("room-1")).status_code == 202
     assert client.get("/readyz").status_code == 200  # full, but no publish has failed yet
     assert_error_shape(post(client, api_call("room-2")), 503)

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 from starlette.requests import Request
 
 from ingest_gateway.gateway import Gateway
-from ingest_gateway.http import ApiError, read_body, refuse
-from meter_platform.capture.envelope import BAD_UTF8, TOO_DEEP, ItemError
-
-_decoder = msgspec.json.Decoder()
+from ingest_gateway.http import ApiError, decode_json, read_body, refuse
+from meter_platform.capture.envelope import ItemError
 
 #: ItemError fields of the platform's envelope, and what each peer calls them.
 FieldNames = dict[str, str]
@@ -40,14 +37,7 @@ async def read_json(
     body = await read_body(request, gw.settings.max_body_bytes)
     if not body.strip():
         raise ApiError(400, "The body is empty.")
-    try:
-        return kind, _decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, f"The body is not valid JSON ({exc}).") from exc
-    except RecursionError as exc:  # msgspec's answer to very deep nesting
-        raise ApiError(400, f"The body is not usable: {TOO_DEEP}.") from exc
-    except UnicodeDecodeError as exc:  # msgspec's answer to invalid UTF-8 inside a string
-        raise ApiError(400, f"The body is not usable: {BAD_UTF8}.") from exc
+    return kind, decode_json(body)
 
 
 def rename(error: ItemError, index: int, names: FieldNames) -> ItemError:

@@ -84,9 +84,7 @@ class AsyncMeterClient(ClientCore):
         super().__init__(
             base_url, api_key, batch_size, flush_interval, max_buffer, track_timeout, retry, on_error
         )
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
+        limits = core.connection_limits(concurrency)
         self._timeout = timeout
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=self.headers(), timeout=timeout, limits=limits

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import httpx
 import msgspec
 
 from meter_platform.sdk.buffer import EventBuffer
@@ -58,6 +59,13 @@ class _Invoices(msgspec.Struct):
 
 class _Meters(msgspec.Struct):
     meters: list[Meter]
+
+
+def connection_limits(concurrency: int) -> httpx.Limits:
+    """The HTTP connection pool for ``concurrency`` batches in flight (plus room for reads)."""
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    return httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
 
 
 def decode(content: bytes, type_: type[T]) -> T:

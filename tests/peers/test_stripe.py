@@ -5,7 +5,6 @@ and exact in the usage API once drained into PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import urllib.error
@@ -19,9 +18,8 @@ from typing import Any
 import pytest
 import stripe
 
-from meter_platform.capture import jetstream
 from meter_platform.catalog import Catalog, load_catalog
-from tests.helpers import backlog, run_drain, scalar
+from tests.helpers import backlog, limit_stream, run_drain, scalar
 
 CATALOG_DIR = Path(__file__).parent.parent / "catalogs" / "stripe"
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -249,20 +247,10 @@ def test_keys_that_may_not_send_are_the_sdks_permission_error(gateway_url, admin
     assert published(nats_server.url) == 2
 
 
-async def _limit_stream(url: str, max_msgs: int) -> None:
-    nc = await jetstream.connect(url, name="tests")
-    try:
-        config = jetstream.stream_config()
-        config.max_msgs = max_msgs
-        await nc.jetstream().update_stream(config)
-    finally:
-        await nc.close()
-
-
 def test_events_jetstream_cannot_keep_are_the_sdks_api_error_with_retry_after(
     gateway_url, admin_key, nats_server
 ):
-    asyncio.run(_limit_stream(nats_server.url, 1))
+    limit_stream(nats_server.url, 1)
     sdk = client(gateway_url, admin_key)
     event = {"event_name": "api_requests", "payload": {"stripe_customer_id": "c", "value": "1"}}
     sdk.v2.billing.meter_events.create(event)

@@ -3,21 +3,18 @@ exits without closing its client: every accepted event is stored once — nothin
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from meter_platform.capture import jetstream
 from meter_platform.sdk import DeliveryError, MeterClient, RetryPolicy, Unavailable
-from tests.helpers import query, run_drain
+from tests.helpers import limit_stream, query, run_drain
 from tests.sdk.conftest import stored_ids
 
 PROPS = {"endpoint": "/v1/users", "method": "GET", "region": "us-east-1", "bytes_transferred": 100}
@@ -62,18 +59,10 @@ def test_a_gateway_stopped_mid_stream_and_back_on_the_same_port_loses_and_double
     assert doubled == total
 
 
-async def _limit_stream(url: str, max_msgs: int) -> None:
-    nc = await jetstream.connect(url, name="tests")
-    try:
-        await nc.jetstream().update_stream(replace(jetstream.stream_config(), max_msgs=max_msgs))
-    finally:
-        await nc.close()
-
-
 def test_a_full_stream_is_retried_after_retry_after_and_the_budget_is_kept(
     gateway_url, admin_key, nats_server, database_url, catalog
 ):
-    asyncio.run(_limit_stream(nats_server.url, 1))
+    limit_stream(nats_server.url, 1)
     event = {"event_type": "api_call", "customer_id": "full", "properties": PROPS}
     try:
         with MeterClient(gateway_url, admin_key, retry=RetryPolicy(budget=0.5)) as meter:
@@ -92,7 +81,7 @@ def test_a_full_stream_is_retried_after_retry_after_and_the_budget_is_kept(
             assert time.monotonic() - started >= 0.9  # waited for Retry-After, not hammering
             drainer.join(30)
     finally:
-        asyncio.run(_limit_stream(nats_server.url, -1))
+        limit_stream(nats_server.url, -1)
     run_drain(nats_server.url, database_url, catalog)
     assert sorted(r[0] for r in query(database_url, "SELECT id FROM usage_events")) == sorted(first + second)
 
