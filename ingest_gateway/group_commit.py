@@ -18,13 +18,11 @@ Each event keeps its own request's receive time (``GatewayBatch.spans``).
 from __future__ import annotations
 
 import asyncio
-import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from meter_platform.capture.envelope import Event, GatewayBatch, encode_batch
-
-log = logging.getLogger("ingest_gateway")
 
 
 @dataclass
@@ -42,7 +40,7 @@ class GroupCommitter:
     max_bytes: int
     max_in_flight: int = 2
     max_events: int = 1000
-    _waiting: list[_Request] = field(default_factory=list)
+    _waiting: deque[_Request] = field(default_factory=deque)
     _in_flight: int = 0
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     messages: int = 0  # group messages published (the bench reports requests per message)
@@ -63,7 +61,7 @@ class GroupCommitter:
             group: list[_Request] = []
             total = 0
             while self._waiting and (not group or total + len(self._waiting[0].events) <= self.max_events):
-                request = self._waiting.pop(0)
+                request = self._waiting.popleft()  # O(1): hundreds may wait under load
                 group.append(request)
                 total += len(request.events)
             self._in_flight += 1
