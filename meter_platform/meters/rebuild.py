@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 
+from meter_platform.archive import reader
 from meter_platform.catalog import Catalog, Meter
 from meter_platform.meters.aggregates import (
     MeterChange,
@@ -25,10 +26,9 @@ from meter_platform.meters.aggregates import (
     definition_hash,
     meter_from_definition,
     pending_changes,
-    psycopg_bind,
 )
 from meter_platform.meters.rollups import delete_meter
-from meter_platform.meters.usage import AGGREGATE_VALUES, UsageQuery, usage_sql
+from meter_platform.meters.usage import AGGREGATE_VALUES, UsageQuery
 
 
 @dataclass
@@ -66,8 +66,7 @@ def _totals(conn: psycopg.Connection, meter: Meter | None) -> dict[str, Any]:
         query = UsageQuery(
             meter, None, datetime.now(UTC) + timedelta(days=1), group_by=("customer_id",), offset=offset
         )
-        sql, params = usage_sql(query, psycopg_bind)
-        rows = conn.execute(sql, params).fetchall()
+        rows = reader.usage_rows(conn, query)
         for row in rows[: query.limit]:
             totals[row[2]] = row[3]
         if len(rows) <= query.limit:
@@ -113,22 +112,29 @@ def replay_meter(
 def _recompute(
     conn: psycopg.Connection, slug: str, meter: Meter, progress: Callable[[str], None] | None
 ) -> None:
-    """Aggregate the stored raw events of the meter's event type, month by month."""
-    months = [
-        r[0]
-        for r in conn.execute(
-            "SELECT DISTINCT date_trunc('month', ts, 'UTC') FROM usage_events WHERE event_type = %s ORDER BY 1",
-            (meter.event_type,),
-        ).fetchall()
-    ]
+    """Aggregate the stored raw events of the meter's event type, month by month: a month with
+    archived days reads their files' rows too (``meter_platform.archive.reader``).
+
+    The lock on ``usage_events`` (held to the replay's commit) keeps days from being archived while
+    the months are read: a day is read from its partition or from its files, never from neither.
+    """
+    conn.execute("LOCK TABLE usage_events IN ACCESS SHARE MODE")
+    hot = conn.execute(
+        "SELECT DISTINCT date_trunc('month', ts, 'UTC') FROM usage_events WHERE event_type = %s",
+        (meter.event_type,),
+    ).fetchall()
+    months = sorted({r[0] for r in hot} | set(reader.archived_months(conn)))
     for i, month in enumerate(months, 1):
+        staged = reader.stage_month(conn, meter.event_type, month)
         sql, params = aggregate_upsert_sql(
             meter,
-            "usage_events",
+            reader.SOURCE if staged else "usage_events",
             "AND ts >= %(m_start)s AND ts < %(m_start)s + interval '1 month'",
         )
         params["m_start"] = month
         conn.execute(sql, params)
+        if staged:
+            reader.drop_staged(conn)
         if progress:
             progress(f"{slug}: month {i}/{len(months)} ({month:%Y-%m}) recomputed")
 

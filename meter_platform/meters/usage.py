@@ -95,8 +95,15 @@ def build_query(meter: Meter, params: dict[str, str], now: datetime | None = Non
     )
 
 
-def usage_sql(q: UsageQuery, bind: Bind = sqlalchemy_bind) -> tuple[str, dict[str, Any]]:
-    """The SQL answering the query (placeholders in ``bind``'s style), and its parameters."""
+def usage_sql(
+    q: UsageQuery, bind: Bind = sqlalchemy_bind, events: str = "usage_events"
+) -> tuple[str, dict[str, Any]]:
+    """The SQL answering the query (placeholders in ``bind``'s style), and its parameters.
+
+    ``events`` is where raw events are read (the edge minutes, and unique_count and latest meters):
+    ``usage_events``, or a relation that adds archived rows to it (``meter_platform.archive.reader``
+    runs the query that way when the range reaches archived days).
+    """
     meter = q.meter
     params: dict[str, Any] = {"slug": meter.slug, "tz": q.tz, "end": q.end, "customer": q.customer_id}
     dims_sql, value_sql, where = event_expressions(meter, params, bind)
@@ -118,7 +125,7 @@ def usage_sql(q: UsageQuery, bind: Bind = sqlalchemy_bind) -> tuple[str, dict[st
     group_select = ", ".join(f"{c} AS g{i}" for i, c in enumerate(group_cols))
     group_refs = ", ".join(f"g{i}" for i in range(len(group_cols)))
 
-    source, value = _source_sql(meter, dims_sql, value_sql, where, customer_filter, slug)
+    source, value = _source_sql(meter, dims_sql, value_sql, where, customer_filter, slug, events)
     levels = "" if meter.aggregation in ("unique_count", "latest") else level_ctes_sql(q.window, tz) + ","
     sql = f"""
         WITH bounds AS (
@@ -160,14 +167,14 @@ def _bucket_sql(window: str | None, tz: str) -> tuple[str, str]:
 
 
 def _source_sql(
-    meter: Meter, dims_sql: str, value_sql: str, where: str, customer_filter: str, slug: str
+    meter: Meter, dims_sql: str, value_sql: str, where: str, customer_filter: str, slug: str, events: str
 ) -> tuple[str, str]:
     """The ``src`` subquery of the meter's rows within ``bounds``, and the aggregate of its value."""
     if meter.aggregation in ("unique_count", "latest"):
         # Exact over any range: straight from the raw events (distinct values do not compose).
         source = f"""
             SELECT ts AS t, ts, id, customer_id, {dims_sql} AS dims, {value_sql} AS v
-            FROM usage_events, bounds b
+            FROM {events}, bounds b
             WHERE {where} {customer_filter} AND ts >= b.range_start AND ts < b.range_end"""
         if meter.aggregation == "unique_count":
             value = "count(DISTINCT v)"
@@ -181,10 +188,10 @@ def _source_sql(
             {level_rows_sql(slug, customer_filter)}
             UNION ALL
             SELECT ts, customer_id, dims, 1, CASE WHEN v IS NULL THEN 0 ELSE 1 END, v, v, v
-            FROM (SELECT ts, customer_id, {dims_sql} AS dims, {value_sql} AS v FROM usage_events, bounds b
+            FROM (SELECT ts, customer_id, {dims_sql} AS dims, {value_sql} AS v FROM {events}, bounds b
                   WHERE {where} {customer_filter} AND ts >= b.range_start AND ts < b.inner_start
                   UNION ALL
-                  SELECT ts, customer_id, {dims_sql} AS dims, {value_sql} AS v FROM usage_events, bounds b
+                  SELECT ts, customer_id, {dims_sql} AS dims, {value_sql} AS v FROM {events}, bounds b
                   WHERE {where} {customer_filter}
                     AND ts >= greatest(b.inner_end, b.inner_start) AND ts < b.range_end) edge"""
         value = AGGREGATE_VALUES[meter.aggregation]

@@ -1,0 +1,294 @@
+"""Archiving raw events to Parquet: a day older than METER_HOT_DAYS is written to a zstd file,
+verified and dropped from PostgreSQL, and every reader of raw events gives the same answers after as
+before (usage by day and customer for sum, count, unique_count and latest meters over a range ending
+mid-minute, a meter rebuild, the event lookup, an invoice). Real PostgreSQL, real files."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from meter_platform.access.audit import list_audit
+from meter_platform.archive import (
+    ArchiveMismatch,
+    ArchiveSettings,
+    apply_retention,
+    archive_day,
+    archive_eligible,
+    eligible_days,
+    reader,
+    store,
+)
+from meter_platform.capture.envelope import (
+    Event,
+    GatewayBatch,
+    datetime_to_us,
+    encode_batch,
+    format_timestamp,
+)
+from meter_platform.capture.messages import Message
+from meter_platform.catalog import load_catalog
+from meter_platform.config import BATCH_HEADER, GATEWAY_SUBJECT
+from meter_platform.ingestion.writer import MicroBatchWriter
+from meter_platform.meters.aggregates import requested_changes
+from meter_platform.meters.rebuild import replay_meter, sync_meters
+from meter_platform.meters.usage import UsageQuery
+from meter_platform.storage import db
+from meter_platform.storage.partitions import day_partition_name, hot_days
+from tests.conftest import TABLES
+
+CATALOG = load_catalog(Path(__file__).parent / "catalogs" / "all_aggregations")
+TODAY = datetime.now(UTC).date()
+DAY = TODAY - timedelta(days=60)  # archived
+NEXT = DAY + timedelta(days=1)  # stays hot in these tests unless archived explicitly
+SEQ = iter(range(1, 1_000_000))
+
+
+def at(day: date, h: int = 0, m: int = 0, s: int = 0, us: int = 0) -> datetime:
+    return datetime(day.year, day.month, day.day, h, m, s, us, tzinfo=UTC)
+
+
+def ev(id_: str, customer: str, ts: datetime, **props: Any) -> Event:
+    return Event(
+        event_type="request", customer_id=customer, id=id_, timestamp=format_timestamp(ts), properties=props
+    )
+
+
+def write(database_url: str, events: list[Event]) -> None:
+    """Store events through the real micro-batch writer (received a day after the latest of them)."""
+    received = datetime_to_us(max(datetime.fromisoformat(e.timestamp) for e in events) + timedelta(days=1))
+    batch = GatewayBatch(received_at=received, events=events)
+    writer = MicroBatchWriter(CATALOG, database_url)
+    try:
+        counts = writer.write(
+            [Message(next(SEQ), GATEWAY_SUBJECT, encode_batch(batch), {BATCH_HEADER: "1"}, received)]
+        )
+    finally:
+        writer.close()
+    assert counts.quarantined == 0
+
+
+def events() -> list[Event]:
+    """Two customers on DAY (some in the range's edge minutes) and on NEXT."""
+    out = []
+    for i in range(300):
+        ts = at(DAY, 0, 0, 10) + timedelta(seconds=287 * i, microseconds=i)
+        out.append(
+            ev(f"d{i}", f"c{i % 2}", ts, region=["eu", "us", "ap"][i % 3], tier=["free", "pro"][i % 2],
+               amount=i % 7 + 0.25 * (i % 4), user=f"u{i % 11}", usage={"tokens": i})
+        )  # fmt: skip
+    # The start edge minute [00:00:30.5, 00:01) and the end edge minute of a range ending mid-minute.
+    out.append(ev("edge-start", "c0", at(DAY, 0, 0, 45), region="eu", amount=1000, user="edge"))
+    out.append(ev("edge-end", "c1", at(DAY, 23, 59, 20), region="us", tier="pro", amount=7, user="late"))
+    out.append(ev("after-end", "c1", at(DAY, 23, 59, 59, 900_000), region="us", amount=3, user="after"))
+    for i in range(50):
+        ts = at(NEXT, 1) + timedelta(minutes=13 * i, microseconds=7)
+        out.append(ev(f"n{i}", f"c{i % 2}", ts, region="eu", tier="free", amount=i, user=f"u{i % 5}"))
+    return out
+
+
+RANGES = [
+    (at(DAY, 0, 0, 30, 500_000), at(DAY, 23, 59, 59, 500_000)),  # DAY, both edges mid-minute
+    (at(DAY, 6, 0, 0, 1), at(NEXT, 12, 0, 0, 250_000)),  # across the archived and the hot day
+    (at(DAY), at(NEXT + timedelta(days=1))),  # whole days
+]
+SLUGS = ["amount_sum", "requests", "unique_users", "latest_amount", "amount_min", "pro_tokens"]
+
+
+def usage(conn, slug: str, start: datetime, end: datetime, window: str | None, customer: str | None = None):
+    meter = CATALOG.meter(slug)
+    assert meter is not None
+    q = UsageQuery(meter, start, end, window, "UTC", ("customer_id",), customer)
+    return reader.usage_rows(conn, q)
+
+
+def answers(database_url: str) -> dict[tuple, Any]:
+    out: dict[tuple, Any] = {}
+    with db.connect(database_url, autocommit=True) as conn:
+        for slug in SLUGS:
+            for start, end in RANGES:
+                for window in (None, "day", "hour"):
+                    out[(slug, start, end, window)] = usage(conn, slug, start, end, window)
+                out[(slug, start, end, "c1")] = usage(conn, slug, start, end, "day", "c1")
+    return out
+
+
+@pytest.fixture
+def archive_db(database_url: str, clean, tmp_path: Path) -> ArchiveSettings:
+    """Empty tables with the test catalog's meters, and an archive folder of its own."""
+    with db.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {', '.join(TABLES)}, event_ids, archived_days RESTART IDENTITY CASCADE")
+        sync_meters(conn, CATALOG)
+    return ArchiveSettings(hot_days=40, url=str(tmp_path / "archive"))
+
+
+def archive(database_url: str, settings: ArchiveSettings, day: date = DAY, **kwargs: Any):
+    with db.connect(database_url, autocommit=True) as conn:
+        return archive_day(conn, day, settings, **kwargs)
+
+
+def test_answers_are_the_same_after_archiving_the_day(database_url, archive_db):
+    write(database_url, events())
+    before = answers(database_url)
+    # Edge minutes and unique counts really do read the archived day (not only the aggregates).
+    assert usage(db.connect(database_url), "amount_sum", *RANGES[0], None, "c0")[0][3] > 1000
+    with db.connect(database_url, autocommit=True) as conn:
+        lookup = conn.execute("SELECT * FROM usage_events WHERE id = 'edge-end'").fetchone()
+        assert DAY in eligible_days(conn, archive_db) and NEXT in eligible_days(conn, archive_db)
+        assert TODAY - timedelta(days=39) not in eligible_days(conn, archive_db, today=TODAY)
+
+    result = archive(database_url, archive_db)
+
+    assert result.status == "archived" and result.part == 1 and result.rows == 303
+    path = Path(store.part_path(archive_db.url, DAY, 1))
+    assert result.path == str(path) and path.exists() and path.stat().st_size == result.bytes
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_rows == 303 and meta.row_group(0).column(0).compression == "ZSTD"
+    assert result.compression_ratio and result.compression_ratio > 1
+    assert (
+        result.verification
+        and result.verification.ok
+        and result.verification.meters_checked == len(CATALOG.meters)
+    )
+    assert sum(store.id_hash(i) for i in pq.read_table(path, columns=["id"])["id"].to_pylist()) == int(
+        result.checksum
+    )
+    with db.connect(database_url, autocommit=True) as conn:
+        assert DAY not in hot_days(conn) and NEXT in hot_days(conn)
+        assert conn.execute("SELECT to_regclass(%s)", (day_partition_name(DAY),)).fetchone() == (None,)
+        assert conn.execute("SELECT count(*) FROM usage_events WHERE ts < %s", (at(NEXT),)).fetchone() == (0,)
+        assert conn.execute("SELECT day, part, rows FROM archived_days").fetchall() == [(DAY, 1, 303)]
+        assert conn.execute("SELECT count(*) FROM event_ids").fetchone() == (353,)  # dedup keeps every id
+
+    assert answers(database_url) == before
+    with db.connect(database_url, autocommit=True) as conn:
+        row = reader.find_event(conn, "edge-end")
+        assert row is not None and tuple(row.values()) == tuple(lookup)
+        assert reader.find_event(conn, "n1") is None  # hot: the caller reads usage_events
+        assert reader.find_event(conn, "never-sent") is None
+    # A resend of an archived event is a duplicate: nothing changes.
+    write(database_url, [ev("d5", "c1", at(DAY, 9), amount=99)])
+    assert answers(database_url) == before
+
+
+MINUTES = (
+    "SELECT meter_slug, minute, customer_id, dims, event_count, value_count, value_sum, value_min, value_max"
+    " FROM usage_minute_aggregates ORDER BY meter_slug, minute, customer_id, dims::text"
+)
+
+
+def test_a_rebuild_reads_the_archived_days(database_url, archive_db):
+    write(database_url, events())
+    with db.connect(database_url, autocommit=True) as conn:
+        aggregates = conn.execute(MINUTES).fetchall()
+    archive(database_url, archive_db)
+    with db.connect(database_url, autocommit=True) as conn:
+        for slug in ("amount_sum", "unique_users", "latest_amount"):
+            (change,) = requested_changes(CATALOG, conn, [slug], rebuild=True)
+            report = replay_meter(conn, change)
+            assert report.customers and not report.changed_customers, slug
+            assert report.events == (353 if slug == "amount_sum" else report.events)
+        after = conn.execute(MINUTES).fetchall()
+    assert after == aggregates
+
+
+def test_a_file_that_does_not_match_leaves_the_partition(database_url, archive_db):
+    write(database_url, events())
+
+    def corrupt(line: str) -> None:  # between writing and verifying, one id of the file changes
+        if "verifying" in line:
+            path = store.part_path(archive_db.url, DAY, 1)
+            table = pq.read_table(path)
+            ids = table["id"].to_pylist()
+            ids[0] = ids[0] + "x"
+            import pyarrow as pa
+
+            table = table.set_column(0, table.schema.field("id"), pa.array(ids))
+            pq.write_table(table, path, compression="zstd")
+
+    with pytest.raises(ArchiveMismatch, match="checksum"):
+        archive(database_url, archive_db, progress=corrupt)
+    with db.connect(database_url, autocommit=True) as conn:
+        assert DAY in hot_days(conn)
+        assert conn.execute("SELECT count(*) FROM archived_days").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM usage_events WHERE ts < %s", (at(NEXT),)).fetchone() == (
+            303,
+        )
+    assert not Path(store.part_path(archive_db.url, DAY, 1)).exists()
+
+    # Aggregates that disagree with the raw events: refused too.
+    with db.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE usage_day_aggregates SET value_sum = value_sum + 1 WHERE meter_slug = 'amount_sum'"
+            " AND day = %s AND customer_id = 'c0' AND dims = '{\"region\": \"eu\"}'",
+            (at(DAY),),
+        )
+    with pytest.raises(ArchiveMismatch, match="amount_sum"):
+        archive(database_url, archive_db)
+    with db.connect(database_url, autocommit=True) as conn:
+        assert DAY in hot_days(conn)
+
+
+def test_a_day_not_old_enough_is_not_archived(database_url, archive_db):
+    recent = TODAY - timedelta(days=2)
+    write(database_url, [ev("r1", "c0", at(recent, 5), amount=1)])
+    result = archive(database_url, archive_db, day=recent)
+    assert result.status == "not_eligible"
+    with db.connect(database_url, autocommit=True) as conn:
+        assert recent in hot_days(conn)
+
+
+def test_retention_deletes_old_files_and_audits(database_url, archive_db):
+    write(database_url, events())
+    result = archive(database_url, archive_db)
+    settings = replace(archive_db, retention_days=59)
+    with db.connect(database_url, autocommit=True) as conn:
+        assert apply_retention(conn, replace(archive_db, retention_days=61)) == []  # not old enough yet
+        deleted = apply_retention(conn, settings, actor="tests")
+        assert [(d.day, d.part, d.rows) for d in deleted] == [(DAY, 1, 303)]
+        assert not Path(result.path or "").exists()
+        assert conn.execute("SELECT deleted_at IS NOT NULL FROM archived_days").fetchone() == (True,)
+        entry = list_audit(conn)[0]
+        assert (entry["actor"], entry["action"], entry["details"]["rows"]) == ("tests", "archive.delete", 303)
+        assert apply_retention(conn, settings) == []  # done once
+        # Sums still come from the aggregates; the raw events of the day are gone.
+        assert sum(r[3] for r in usage(conn, "requests", at(DAY), at(NEXT), None)) == 303
+        assert reader.find_event(conn, "edge-end") is None
+
+
+def test_events_stored_after_archiving_make_a_second_part(database_url, archive_db):
+    write(database_url, events())
+    archive(database_url, archive_db)
+    # A late event for the archived day (e.g. a quarantine replay): its partition comes back.
+    write(database_url, [ev("late-1", "c0", at(DAY, 0, 0, 50), region="eu", amount=5, user="newcomer")])
+    before = answers(database_url)
+    with db.connect(database_url, autocommit=True) as conn:
+        assert DAY in hot_days(conn)
+        assert sum(r[3] for r in usage(conn, "requests", at(DAY), at(NEXT), None)) == 304
+    result = archive(database_url, archive_db)
+    assert (result.status, result.part, result.rows) == ("archived", 2, 1)
+    assert result.verification is not None and result.verification.ledger_rows == 304
+    assert answers(database_url) == before
+    with db.connect(database_url, autocommit=True) as conn:
+        assert conn.execute("SELECT part, rows FROM archived_days ORDER BY part").fetchall() == [
+            (1, 303),
+            (2, 1),
+        ]
+        found = reader.find_event(conn, "late-1")
+        assert found is not None and found["properties"] == {"region": "eu", "amount": 5, "user": "newcomer"}
+        assert reader.find_event(conn, "d0") is not None
+
+
+def test_archive_eligible_archives_every_old_day(database_url, archive_db):
+    write(database_url, events())
+    lines: list[str] = []
+    with db.connect(database_url, autocommit=True) as conn:
+        results = archive_eligible(conn, archive_db, lines.append)
+        assert {r.day for r in results if r.status == "archived"} >= {DAY, NEXT}
+        assert not [d for d in hot_days(conn) if d < archive_db.cutoff()]
+    assert any(line.startswith(f"{DAY}: archived part 1: 303 events") for line in lines)
