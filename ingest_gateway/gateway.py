@@ -33,8 +33,9 @@ from meter_platform.capture.envelope import (
     now_us,
 )
 from meter_platform.capture.messages import Message, find_event
+from meter_platform.capture.partitions import gateway_subject, split
 from meter_platform.catalog import Catalog
-from meter_platform.config import BATCH_HEADER, GATEWAY_SUBJECT, STREAM_NAME, Settings, require_url
+from meter_platform.config import BATCH_HEADER, STREAM_NAME, Settings, load_partitions, require_url
 from meter_platform.storage import db
 
 log = logging.getLogger("ingest_gateway")
@@ -62,7 +63,11 @@ class Gateway:
         #: Called with a request's whole batch before anything of it is published; raises ApiError to
         #: refuse it (the API keys' customer and rate checks, see ingest_gateway/auth.py).
         self.before_publish: Callable[[list[Event]], None] | None = None
-        #: Small requests share JetStream messages (None: group commit is off; set in start()).
+        #: ``METER_PARTITIONS``: a request's events are published per partition of their customer.
+        self.partitions = load_partitions()
+        #: Small requests share JetStream messages, per partition (empty: group commit is off; set in
+        #: start()); ``group`` is partition 0's (the only one when unpartitioned).
+        self.groups: list[GroupCommitter] = []
         self.group: GroupCommitter | None = None
 
     async def start(self) -> None:
@@ -75,11 +80,15 @@ class Gateway:
         await jetstream.ensure_stream_and_consumer(self.js)
         self.engine = db.async_engine(database_url)
         if self.settings.group_commit_in_flight > 0:
-            self.group = GroupCommitter(
-                self._publish_message,
-                max_bytes=self.nc.max_payload - 4096,
-                max_in_flight=self.settings.group_commit_in_flight,
-            )
+            self.groups = [
+                GroupCommitter(
+                    self._publisher(gateway_subject(p, self.partitions)),
+                    max_bytes=self.nc.max_payload - 4096,
+                    max_in_flight=self.settings.group_commit_in_flight,
+                )
+                for p in range(self.partitions)
+            ]
+            self.group = self.groups[0]
 
     async def stop(self) -> None:
         """Flush and close NATS; dispose of the pool."""
@@ -109,7 +118,15 @@ class Gateway:
         return out
 
     async def publish(self, events: list[Event], received_us: int) -> None:
-        """Publish the events durably; raise ApiError(503) when JetStream does not confirm them."""
+        """Publish the events durably; raise ApiError(503) when JetStream does not confirm them.
+
+        With ``METER_PARTITIONS`` above 1 the events are split by their customer's partition and each
+        part is published on its partition's subject, all at once; the request is durable (and
+        answered 202) only once every part is acked. If any part fails, the whole request gets the
+        503 with every id, also those of the parts that did land: they are harmless, for the client
+        retries with the same ids and the pipeline stores an id once (the retry's copies of the
+        landed parts are counted as duplicates), so the retry makes it exact.
+        """
         assert self.js is not None and self.nc is not None
         if self.before_publish is not None:
             self.before_publish(events)
@@ -121,14 +138,20 @@ class Gateway:
                 headers={"Retry-After": "2"},
             )
         started = time.perf_counter()
+        parts = split(events, _customer, self.partitions)
         try:
-            if self.group is not None and len(events) <= self.settings.group_commit_max_request_events:
-                await self.group.submit(events, received_us)  # shares a message with its neighbours
+            if len(parts) == 1:  # unpartitioned, or every customer in one partition
+                await self._publish_part(*parts[0], received_us)
             else:
-                await asyncio.gather(*(self._publish_message(p) for p in self._chunks(events, received_us)))
-        except Exception as exc:  # any failure means "not durable": the client must retry
-            log.warning("JetStream did not confirm a publish: %r", exc)
-            detail = str(exc) or type(exc).__name__
+                outcomes = await asyncio.gather(
+                    *(self._publish_part(p, part, received_us) for p, part in parts), return_exceptions=True
+                )  # every part has its answer before the request has its own
+                for outcome in outcomes:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+        except Exception as failure:  # any failure means "not durable": the client must retry
+            log.warning("JetStream did not confirm a publish: %r", failure)
+            detail = str(failure) or type(failure).__name__
             self.publishes.failed(detail)
             publish_failed("not_confirmed", len(events))
             raise ApiError(
@@ -139,16 +162,28 @@ class Gateway:
                 # a split request may have been stored before the failure.
                 [{"reason": detail, "ids": [e.id for e in events]}],
                 headers={"Retry-After": "1"},
-            ) from exc
+            ) from failure
         self.publishes.succeeded()
         publish_succeeded(len(events), time.perf_counter() - started)
 
-    async def _publish_message(self, payload: bytes) -> None:
-        """Publish one gateway message and wait for JetStream's ack (its fsync)."""
-        assert self.js is not None
-        # The message's own id: should it be sent twice, JetStream stores it once.
-        headers = {"Nats-Msg-Id": new_event_id(), BATCH_HEADER: "1"}
-        await self.js.publish(GATEWAY_SUBJECT, payload, stream=STREAM_NAME, headers=headers)
+    async def _publish_part(self, partition: int, events: list[Event], received_us: int) -> None:
+        """One partition's events: shared with its neighbours' when small (group commit), else alone."""
+        if self.groups and len(events) <= self.settings.group_commit_max_request_events:
+            await self.groups[partition].submit(events, received_us)
+            return
+        publish = self._publisher(gateway_subject(partition, self.partitions))
+        await asyncio.gather(*(publish(p) for p in self._chunks(events, received_us)))
+
+    def _publisher(self, subject: str) -> Callable[[bytes], Awaitable[None]]:
+        """Publishes one gateway message on ``subject`` and waits for JetStream's ack (its fsync)."""
+
+        async def publish(payload: bytes) -> None:
+            assert self.js is not None
+            # The message's own id: should it be sent twice, JetStream stores it once.
+            headers = {"Nats-Msg-Id": new_event_id(), BATCH_HEADER: "1"}
+            await self.js.publish(subject, payload, stream=STREAM_NAME, headers=headers)
+
+        return publish
 
     # --- read side -------------------------------------------------------------------------------
 
@@ -220,6 +255,10 @@ class Gateway:
             if found is not None:
                 return {**found, "state": "pending", "stream_seq": seq}
         return None
+
+
+def _customer(event: Event) -> str:
+    return event.customer_id
 
 
 def gateway_of(request: Request) -> Gateway:

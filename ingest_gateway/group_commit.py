@@ -13,6 +13,10 @@ of a few events each arrive faster than JetStream acks them, the gateway gathers
   none of them is half-stored, for a message is stored whole or not at all.
 
 Each event keeps its own request's receive time (``GatewayBatch.spans``).
+
+With ``METER_PARTITIONS`` above 1 the gateway keeps one committer per partition (each publishing on
+its partition's subject) and submits each request's part to its partition's: small requests are
+merged per partition, and a request is answered once every one of its parts is acked.
 """
 
 from __future__ import annotations

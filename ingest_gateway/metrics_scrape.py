@@ -1,6 +1,6 @@
 """Reading the figures of ``GET /metrics`` at scrape time, within bounds.
 
-A scrape reads NATS once (stream, consumer, oldest waiting message) and then PostgreSQL once
+A scrape reads NATS once (stream, consumers, oldest waiting message) and then PostgreSQL once
 (:func:`~ingest_gateway.metrics_pipeline.ledger_sql`), each through the gateway's bounded reads, so it
 answers in about :data:`SCRAPE_DEADLINE` seconds even when a server hangs: what did not come is
 left out and ``meter_scrape_dependency_up`` says which (:mod:`ingest_gateway.metrics_pipeline`).
@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from ingest_gateway.gateway import Gateway
 from ingest_gateway.metrics_pipeline import LedgerFigures, Snapshot, StreamFigures, ledger_sql
 from meter_platform.capture import jetstream
-from meter_platform.config import CONSUMER_NAME, STREAM_NAME
+from meter_platform.config import STREAM_NAME
 
 log = logging.getLogger("ingest_gateway")
 #: A scrape answers within about this long (NATS slow too: at most its bound plus :data:`_DB_MIN`).
@@ -28,10 +28,12 @@ _DB_MIN = 0.5
 
 
 async def _read_stream(js: JetStreamContext) -> StreamFigures:
+    """The stream, its consumers summed (one per partition; ``ack_floor`` the lowest) and the oldest
+    message any of them waits for."""
     stream = await js.stream_info(STREAM_NAME)
-    consumer = await js.consumer_info(STREAM_NAME, CONSUMER_NAME)
-    ack_pending = consumer.num_ack_pending or 0
-    pending = (consumer.num_pending or 0) + ack_pending
+    summed = jetstream.summed(stream, await jetstream.consumer_infos(js))
+    ack_pending = summed.ack_pending
+    pending = summed.pending + ack_pending
     oldest = await jetstream.oldest_pending(js) if pending else None
     return StreamFigures(
         last_seq=stream.state.last_seq,
@@ -41,7 +43,7 @@ async def _read_stream(js: JetStreamContext) -> StreamFigures:
         created=stream.created if isinstance(stream.created, datetime) else None,
         pending=pending,
         ack_pending=ack_pending,
-        ack_floor=consumer.ack_floor.stream_seq if consumer.ack_floor else 0,
+        ack_floor=summed.ack_floor,
         oldest_waiting=oldest,
     )
 

@@ -14,13 +14,14 @@ from typing import Any
 
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import AccountInfo, ConsumerInfo, StreamInfo
+from nats.js.api import AccountInfo, StreamInfo
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ingest_gateway.gateway import Gateway, gateway_of
 from ingest_gateway.health import PUBLISH_FAILURE_HOLD, NoAnswer, PublishOutcomes
 from ingest_gateway.http import ApiError, json_response
+from meter_platform.capture import jetstream
 from meter_platform.capture.envelope import format_timestamp
 from meter_platform.config import CONSUMER_NAME, STREAM_NAME
 from meter_platform.ingestion.ledger import LEDGER_TOTALS_SQL, LedgerTotals
@@ -41,8 +42,10 @@ LEDGER_IN_RANGE_SQL = (
 # --- GET /v1/ingest/status --------------------------------------------------------------------------
 
 
-async def _stream_and_consumer(js: JetStreamContext) -> tuple[StreamInfo, ConsumerInfo]:
-    return await js.stream_info(STREAM_NAME), await js.consumer_info(STREAM_NAME, CONSUMER_NAME)
+async def _stream_and_consumers(js: JetStreamContext) -> tuple[StreamInfo, jetstream.Backlog]:
+    """The stream, and its consumers summed (one per partition; one when unpartitioned)."""
+    stream, consumers = await asyncio.gather(js.stream_info(STREAM_NAME), jetstream.consumer_infos(js))
+    return stream, jetstream.summed(stream, consumers)
 
 
 async def _uncounted(gw: Gateway, stream: StreamInfo, timeout: float) -> int:
@@ -69,14 +72,30 @@ async def _uncounted(gw: Gateway, stream: StreamInfo, timeout: float) -> int:
 
 
 def _stream_fields(
-    stream: StreamInfo | None, consumer: ConsumerInfo | None, uncounted: int | None
+    stream: StreamInfo | None, consumers: jetstream.Backlog | None, uncounted: int | None
 ) -> dict[str, Any]:
-    """The "stream" and "consumer" parts; their numbers are null when NATS did not answer."""
+    """The "stream" and "consumer" parts; their numbers are null when NATS did not answer.
+
+    With several partitions, "consumer" sums their consumers (``ack_floor``: the lowest) and
+    "partitions" lists each one's figures; unpartitioned, it lists the one consumer.
+    """
     pending = ack_pending = ack_floor = None
-    if consumer is not None:
-        ack_pending = consumer.num_ack_pending or 0
-        pending = (consumer.num_pending or 0) + ack_pending
-        ack_floor = consumer.ack_floor.stream_seq if consumer.ack_floor else 0
+    partitions: list[dict[str, Any]] = []
+    if consumers is not None:
+        ack_pending = consumers.ack_pending
+        pending = consumers.pending + ack_pending
+        ack_floor = consumers.ack_floor
+        partitions = [
+            {
+                "partition": c.partition,
+                "name": c.consumer,
+                "pending": c.pending + c.ack_pending,
+                "ack_pending": c.ack_pending,
+                "ack_floor": c.ack_floor,
+            }
+            for c in consumers.partitions
+        ]
+    names = [c["name"] for c in partitions]
     return {
         "stream": {
             "name": STREAM_NAME,
@@ -84,11 +103,12 @@ def _stream_fields(
             "messages": stream.state.messages if stream else None,
         },
         "consumer": {
-            "name": CONSUMER_NAME,
+            "name": names[0] if len(names) == 1 else f"{CONSUMER_NAME}-p*" if names else CONSUMER_NAME,
             "pending": pending,
             "ack_pending": ack_pending,
             "ack_floor": ack_floor,
             "uncounted": uncounted,
+            "partitions": partitions,
         },
     }
 
@@ -130,7 +150,8 @@ def _known(result: Any, part: str, degraded: list[str]) -> Any:
 async def ingest_status(request: Request) -> Response:
     """GET /v1/ingest/status: the ledger that proves nothing was lost.
 
-    ``consumer.pending`` is what JetStream reports (delivered-but-unacked included);
+    ``consumer.pending`` is what JetStream reports (delivered-but-unacked included), summed over the
+    partitions' consumers (each one's in ``consumer.partitions``);
     ``consumer.uncounted`` is how many of the stream's messages the ledger does not have, i.e. the
     backlog truly left to process (see :func:`_uncounted`): messages committed whose ack was lost
     are pending but not uncounted. ``degraded`` lists the dependencies ("nats", "postgres") that
@@ -140,7 +161,7 @@ async def ingest_status(request: Request) -> Response:
     deadline = time.monotonic() + STATUS_DEADLINE
     degraded: list[str] = []
     nats_part, db_part = await asyncio.gather(
-        gw.read_nats(_stream_and_consumer), gw.read_db(LEDGER_TOTALS_SQL), return_exceptions=True
+        gw.read_nats(_stream_and_consumers), gw.read_db(LEDGER_TOTALS_SQL), return_exceptions=True
     )
     stream, consumer = _known(nats_part, "nats", degraded) or (None, None)
     db_rows = _known(db_part, "postgres", degraded)

@@ -32,6 +32,12 @@ STREAM_SUBJECTS = [f"{EVENTS_SUBJECT_PREFIX}.>", "meter.gateway.>"]
 CONSUMER_NAME = "meter-ingest"
 #: Header that marks a message as a gateway batch (value: format version).
 BATCH_HEADER = "Meter-Batch"
+#: Signed webhook deliveries the gateway could not map (kept whole, quarantined by the pipeline).
+WEBHOOK_SUBJECT = "meter.gateway.webhook"
+#: ``METER_PARTITIONS`` (see meter_platform/capture/partitions.py): at most this many; the gateway
+#: publishes partition p's messages on ``meter.gateway.p<p>`` and consumer ``meter-ingest-p<p>`` drains them.
+MAX_PARTITIONS = 16
+PARTITION_SUBJECT_PREFIX = "meter.gateway.p"
 
 
 def _env_number(name: str, default: N, kind: type[N], what: str) -> N:
@@ -177,6 +183,16 @@ def load_stream_limits() -> StreamLimits:
     return StreamLimits(
         max_bytes=_env_int("METER_STREAM_MAX_BYTES", -1), max_msgs=_env_int("METER_STREAM_MAX_MSGS", -1)
     )
+
+
+def load_partitions() -> int:
+    """``METER_PARTITIONS``: the stream's partitions by customer, each drained by its own consumer and
+    runs (1 to 16; default 1, unpartitioned). ``meter up`` applies a change (see
+    meter_platform/capture/partitions.py)."""
+    partitions = _env_int("METER_PARTITIONS", 1)
+    if not 1 <= partitions <= MAX_PARTITIONS:
+        raise SystemExit(f"METER_PARTITIONS must be between 1 and {MAX_PARTITIONS}, got {partitions}")
+    return partitions
 
 
 def load_stream_replicas() -> int:

@@ -16,11 +16,14 @@ from collections.abc import Callable
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from meter_platform.capture.jetstream import connect, ensure_stream_and_consumer, stream_incarnation
 from meter_platform.capture.messages import Message, from_nats
+from meter_platform.capture.partitions import consumer_name
 from meter_platform.catalog import Catalog
-from meter_platform.config import CONSUMER_NAME, STREAM_NAME, DrainSettings
+from meter_platform.config import STREAM_NAME, DrainSettings, load_partitions
 from meter_platform.ingestion.counts import BatchCounts
 from meter_platform.ingestion.writer import MicroBatchWriter
 
@@ -37,8 +40,13 @@ async def drain(
     crash_after_commit: bool = False,
     should_stop: Callable[[], bool] | None = None,
     heartbeat: Callable[[], None] | None = None,
+    partition: int = 0,
 ) -> BatchCounts:
     """Drain the durable consumer in micro-batches until idle or out of time; return the run's counts.
+
+    ``partition`` names the consumer: with ``METER_PARTITIONS`` above 1, ``meter-ingest-p<partition>``
+    (each partition is drained by its own runs, in parallel with the others'); unpartitioned, the one
+    consumer ``meter-ingest``. Any number of drains may share a consumer too: the ledger keeps them exact.
 
     ``should_stop`` is asked before every fetch (at least every ``fetch_timeout`` seconds, and after
     each batch): once it answers True the drain fetches nothing more and returns, e.g. when the run it
@@ -50,16 +58,20 @@ async def drain(
     right after the first commit, leaving that batch's messages un-acked.
     """
     settings = settings or DrainSettings()
+    partitions = load_partitions()
+    if not 0 <= partition < partitions:
+        raise ValueError(f"partition {partition} does not exist: METER_PARTITIONS is {partitions}")
+    consumer = consumer_name(partition, partitions)
     total = BatchCounts()
     beating = asyncio.create_task(_beat(heartbeat, settings.heartbeat_seconds)) if heartbeat else None
     try:
         writer = MicroBatchWriter(catalog, database_url)
-        nc = await connect(nats_url, name=f"meter-ingest-{run_id or 'local'}")
+        nc = await connect(nats_url, name=f"{consumer}-{run_id or 'local'}")
         try:
             js = nc.jetstream()
             await ensure_stream_and_consumer(js)
             stream_created = await stream_incarnation(js)
-            sub = await js.pull_subscribe_bind(CONSUMER_NAME, STREAM_NAME)
+            sub = await _bind(js, consumer)
             started = last_seen = time.monotonic()
             while time.monotonic() - started < settings.max_seconds:
                 if should_stop is not None and should_stop():
@@ -95,6 +107,18 @@ async def drain(
             beating.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beating
+
+
+async def _bind(js: JetStreamContext, consumer: str) -> JetStreamContext.PullSubscription:
+    """Bind to the consumer, or say why it is missing (the stream laid out for another N)."""
+    try:
+        await js.consumer_info(STREAM_NAME, consumer)
+    except NotFoundError as exc:
+        raise RuntimeError(
+            f"consumer {consumer} does not exist on stream {STREAM_NAME}: its consumers are laid out for "
+            f"another METER_PARTITIONS than {load_partitions()}; `meter up` applies the change"
+        ) from exc
+    return await js.pull_subscribe_bind(consumer, STREAM_NAME)
 
 
 async def _commit_then_ack(

@@ -11,11 +11,13 @@ Two kinds of runs drain the durable consumer:
   than one run keeps up with, and stands in when warm runs are off.
 
 Both drain the same consumer; the per-message ledger makes it safe for several to do so at once.
+With ``METER_PARTITIONS`` above 1 each partition has its own consumer, and so its own warm run and
+busy runs, decided from its own backlog (:func:`plan_partitions`): the partitions drain in parallel.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meter_platform.config import DrainSettings, IngestionSettings
 
@@ -33,6 +35,7 @@ class ActiveRun:
     age_seconds: float  # since it started (or was created, while it starts)
     budget_seconds: float  # its drain's time budget
     warm: bool
+    partition: int = 0  # the partition whose consumer it drains
 
     @property
     def leaving(self) -> bool:
@@ -57,6 +60,7 @@ class RunPlan:
     reason: str
     warm: bool = False
     handoff: bool = False
+    partition: int = 0
 
 
 def plan_runs(runs: list[ActiveRun], backlog: Backlog, limits: IngestionSettings) -> RunPlan:
@@ -74,3 +78,15 @@ def plan_runs(runs: list[ActiveRun], backlog: Backlog, limits: IngestionSettings
     if staying and backlog.pending < limits.scale_out_backlog:
         return RunPlan(False, f"{backlog.waiting} messages waiting; {len(staying)} run(s) draining keep up")
     return RunPlan(True, f"{backlog.waiting} messages waiting")
+
+
+def plan_partitions(
+    runs: list[ActiveRun], backlogs: list[Backlog], limits: IngestionSettings
+) -> list[RunPlan]:
+    """:func:`plan_runs` for each partition (``backlogs[p]`` is partition p's consumer's), with the
+    runs draining that partition: the limits hold per partition. Runs of a partition beyond the
+    layout (N lowered while they drain) are not counted: they end on their own."""
+    return [
+        replace(plan_runs([r for r in runs if r.partition == p], backlog, limits), partition=p)
+        for p, backlog in enumerate(backlogs)
+    ]

@@ -35,11 +35,14 @@ JETSTREAM_EVENTS = AssetSpec(
 
 
 class DrainConfig(Config):
-    """How long one run drains, and in what batch size (defaults: :class:`DrainSettings`)."""
+    """How long one run drains, and in what batch size (defaults: :class:`DrainSettings`); which
+    partition's consumer it drains (METER_PARTITIONS > 1; the sensor sets it, with the run's tag
+    ``meter/partition``)."""
 
     max_seconds: float = DrainSettings.max_seconds
     idle_seconds: float = DrainSettings.idle_seconds
     batch_size: int = DrainSettings.batch_size
+    partition: int = 0
 
 
 @multi_asset(
@@ -112,6 +115,7 @@ def ingest_microbatches(
             on_batch=progress,
             should_stop=watch.should_stop,
             heartbeat=watch.heartbeat,
+            partition=config.partition,
         )
     )
     if watch.gone:
