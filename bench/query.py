@@ -3,10 +3,10 @@ then the usage API timed for the two questions billing and dashboards ask most.
 
 Run with ``.venv/bin/python bench/query.py [--events N]``. It starts NATS, PostgreSQL and the gateway
 as ``make bench`` does (``stack.py``), loads the events in chunks (generated inside PostgreSQL, inserted
-into ``usage_events`` and aggregated with the pipeline's own upsert, ``aggregate_upsert_sql``, which
-writes the minutes and their hourly and daily rollups: the tables end up as ingestion would leave
-them), runs ANALYZE, and then, warm cache, times over the
-gateway:
+into their day partitions of ``usage_events`` with their ids in ``event_ids``, as the writer stores them,
+and aggregated with the pipeline's own upsert, ``aggregate_upsert_sql``, which writes the minutes and
+their hourly and daily rollups: the tables end up as ingestion would leave them), runs ANALYZE, and
+then, warm cache, times over the gateway:
 
 * **one customer's month by day**: ``GET /v1/meters/api_calls/usage?customer_id=C&window=day``
 * **all customers' month by customer**: ``GET /v1/meters/api_calls/usage?group_by=customer_id``
@@ -20,7 +20,7 @@ import argparse
 import signal
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 from report import pct, say
@@ -29,6 +29,7 @@ from stack import Stack
 from meter_platform.meters.aggregates import active_meters, aggregate_upsert_sql, psycopg_bind
 from meter_platform.meters.usage import build_query, usage_sql
 from meter_platform.storage import db
+from meter_platform.storage.partitions import ensure_day_partitions
 
 # The minutes and, since migration 0009, their hourly and daily rollups (absent before it).
 AGGREGATE_TABLES = ("usage_minute_aggregates", "usage_hour_aggregates", "usage_day_aggregates")
@@ -58,6 +59,8 @@ def load(database_url: str, args: argparse.Namespace, start: datetime, end: date
     """Load ``args.events`` events spread over [start, end) with their aggregates; seconds taken."""
     began = time.perf_counter()
     with db.connect(database_url) as conn:
+        # Raw events are partitioned by day: every day of the month needs its partition first.
+        ensure_day_partitions(conn, [(start + timedelta(days=d)).date() for d in range((end - start).days)])
         conn.execute(
             "CREATE TEMP TABLE new_events (id text, event_type text, customer_id text, ts timestamptz,"
             " properties jsonb, stream_seq bigint)"
@@ -67,6 +70,8 @@ def load(database_url: str, args: argparse.Namespace, start: datetime, end: date
             last = min(args.events, first + args.chunk) - 1
             params = {"customers": args.customers, "start": start, "end": end, "total": args.events}
             conn.execute(_GENERATE, {**params, "first": first, "last": last})
+            # As the writer stores them: each id in event_ids (the dedup key), the row in its day's partition.
+            conn.execute("INSERT INTO event_ids (id, ts) SELECT id, ts FROM new_events")
             conn.execute(
                 "INSERT INTO usage_events (id, event_type, customer_id, ts, received_at, properties, stream_seq)"
                 " SELECT id, event_type, customer_id, ts, ts, properties, stream_seq FROM new_events"
@@ -78,6 +83,7 @@ def load(database_url: str, args: argparse.Namespace, start: datetime, end: date
             say(f"loaded {last + 1:,} / {args.events:,} events ({time.perf_counter() - began:.0f} s)")
     with db.connect(database_url, autocommit=True) as conn:
         conn.execute("ANALYZE usage_events")
+        conn.execute("ANALYZE event_ids")
         for table in AGGREGATE_TABLES:
             conn.execute(f"ANALYZE {table}")
         sizes = [

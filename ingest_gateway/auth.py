@@ -228,6 +228,7 @@ async def _scope_to_customer(gw: Gateway, scope: Scope, customer_id: str, allowe
         event_id = path.removeprefix("/v1/events/")
         rows = await gw.query(
             "SELECT customer_id FROM usage_events WHERE id = :id"
+            " AND ts = (SELECT ts FROM event_ids WHERE id = :id)"
             " UNION ALL SELECT customer_id FROM quarantined_events WHERE event_id = :id LIMIT 1",
             {"id": event_id},
         )

@@ -108,7 +108,7 @@ async def lookup_event(gw: Gateway, event_id: str) -> dict[str, Any] | None:
         return None
     rows = await gw.query(
         "SELECT id, event_type, customer_id, ts, received_at, properties, metadata, stream_seq"
-        " FROM usage_events WHERE id = :id",
+        " FROM usage_events WHERE id = :id AND ts = (SELECT ts FROM event_ids WHERE id = :id)",
         {"id": event_id},
     )
     if rows:

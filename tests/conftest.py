@@ -26,6 +26,7 @@ TABLES = (
     "usage_hour_aggregates",
     "usage_day_aggregates",
     "usage_events",
+    "event_ids",
     "quarantined_events",
     "ingest_messages",
     "ingest_batches",

@@ -16,8 +16,9 @@ A replay, in this order:
    event types and properties with the *current* catalog). A row without a payload (a message that
    was not JSON) cannot pass and stays quarantined.
 4. **Writes, in one PostgreSQL transaction per chunk**:
-   a. inserts the events that now pass ``ON CONFLICT (id) DO NOTHING`` (``MicroBatchWriter.insert_raw``,
-      the ingestion code): an id already stored, by any path, is a duplicate, not a second count;
+   a. inserts the events that now pass, deduplicated by id in ``event_ids`` (``MicroBatchWriter.insert_raw``,
+      the ingestion code): an id already stored, by any path, is a duplicate, not a second count (a
+      day without its partition yet rolls the chunk back; the writer creates it and runs it again);
    b. upserts the aggregates from the *newly stored* rows only (``MicroBatchWriter.aggregate_new``,
       with the active meter definitions, share-locked as ingestion does);
    c. marks the rows ``replayed`` (stored in a.) or ``duplicate`` (their id was stored already, also
@@ -317,4 +318,5 @@ def _write_chunk(
 def _stored_already(cur: psycopg.Cursor, ids: list[str]) -> set[str]:
     if not ids:
         return set()
-    return {r[0] for r in cur.execute("SELECT id FROM usage_events WHERE id = ANY(%s)", (ids,)).fetchall()}
+    # event_ids is the dedup authority: it also knows the ids of events archived out of usage_events.
+    return {r[0] for r in cur.execute("SELECT id FROM event_ids WHERE id = ANY(%s)", (ids,)).fetchall()}

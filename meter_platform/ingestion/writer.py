@@ -10,13 +10,17 @@ This is where the platform's delivery guarantee is made. For each micro-batch, i
       stream's creation time and the sequence, since a re-created stream restarts at 1). A
       sequence already there was committed before (a redelivery after a crash between commit and
       ack, or a second run holding the same message): it is skipped whole, so it adds nothing;
-   b. insert raw events ``ON CONFLICT (id) DO NOTHING``: an id already stored is a duplicate,
-      however it arrived (a resend, another path, a redelivery, months later);
+   b. claim each event's id in ``event_ids`` (``ON CONFLICT (id) DO NOTHING``) and store in
+      ``usage_events`` (partitioned by day) only the events whose id was claimed here: an id already
+      stored is a duplicate, however it arrived (a resend, another path, a redelivery, months later,
+      with another timestamp); a concurrent writer with the same id waits on the key, then sees it;
    c. quarantine what failed validation, with reasons (never dropped);
    d. upsert per-minute aggregates and their hourly and daily rollups (one statement per meter) from
       the rows *newly inserted in b.* only, so a duplicate or a redelivery can never be counted twice;
    e. record per-message and per-batch counts, ``events = stored + duplicates + quarantined``.
-4. **Commit.** Everything in 3 becomes visible at once, or nothing does.
+4. **Commit.** Everything in 3 becomes visible at once, or nothing does. (The day partitions the
+   batch's events need are created before 3, each in its own short transaction: creating one locks
+   the whole ``usage_events`` table, see :mod:`meter_platform.storage.partitions`.)
 5. **Then ack** the messages. A crash between 4 and 5 means redelivery, and 3a makes that a no-op:
    at-least-once delivery from JetStream + idempotent writes = each event counted exactly once.
 
@@ -31,8 +35,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from datetime import datetime, timedelta
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import msgspec
@@ -47,13 +51,38 @@ from meter_platform.ingestion.counts import BatchCounts
 from meter_platform.ingestion.timing import StageClock
 from meter_platform.ingestion.validation import validate_event_type
 from meter_platform.meters.aggregates import active_meters, aggregate_upsert_sql
-from meter_platform.storage import db
+from meter_platform.storage import db, partitions
 
 log = logging.getLogger(__name__)
 
 
 _json = msgspec.json.Encoder()
 T = TypeVar("T")
+
+# Staging tables of a batch, emptied at each commit. `new_events` keeps only what aggregation reads:
+# copying metadata and times of every new row would cost more.
+_TEMP_TABLES = (
+    "CREATE TEMP TABLE IF NOT EXISTS incoming (id text, event_type text, customer_id text, ts timestamptz,"
+    " received_at timestamptz, properties jsonb, metadata jsonb, stream_seq bigint) ON COMMIT DELETE ROWS;"
+    " CREATE TEMP TABLE IF NOT EXISTS new_events (id text, event_type text, customer_id text,"
+    " ts timestamptz, properties jsonb, stream_seq bigint) ON COMMIT DELETE ROWS"
+)
+# Step 3b in one statement: claim the ids, store the rows claimed, keep them for aggregation, count
+# them per stream sequence. Ids are claimed in id order (the same lock order in every writer).
+_STORE = """
+WITH claimed AS (
+    INSERT INTO event_ids (id, ts) SELECT id, ts FROM incoming ORDER BY id
+    ON CONFLICT (id) DO NOTHING RETURNING id
+), stored AS (
+    INSERT INTO usage_events (id, event_type, customer_id, ts, received_at, properties, metadata, stream_seq)
+    SELECT i.id, i.event_type, i.customer_id, i.ts, i.received_at, i.properties, i.metadata, i.stream_seq
+    FROM incoming i JOIN claimed c ON c.id = i.id
+    RETURNING id, event_type, customer_id, ts, properties, stream_seq
+), kept AS (
+    INSERT INTO new_events SELECT * FROM stored RETURNING stream_seq
+)
+SELECT stream_seq, count(*) FROM kept GROUP BY 1
+"""
 
 
 def _iso(ts: datetime | str) -> str:
@@ -130,7 +159,9 @@ class MicroBatchWriter:
         """Run ``transaction`` (one PostgreSQL transaction), again when PostgreSQL rolled it back.
 
         Two writers upserting the same aggregate rows can deadlock; the loser's transaction is rolled
-        back whole, so running it again is safe. A lost connection closes this writer's and raises.
+        back whole, so running it again is safe. So is a transaction that found a day without its
+        partition (:class:`~meter_platform.storage.partitions.MissingDayPartitions`): the day is
+        created outside it, then it runs again. A lost connection closes this writer's and raises.
         """
         for attempt in range(5):
             try:
@@ -138,10 +169,21 @@ class MicroBatchWriter:
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
                 log.warning("%s rolled back by a deadlock; retrying (attempt %d)", what, attempt + 1)
                 time.sleep(0.05 * (attempt + 1))
+            except partitions.MissingDayPartitions as exc:
+                # Rolled back before writing a row: create the days, now outside the transaction.
+                partitions.ensure_day_partitions(self.connection(), exc.days)
+            except psycopg.errors.CheckViolation as exc:
+                if "no partition" not in str(exc):
+                    raise
+                # A partition this process knew was dropped (archived): look again, then retry.
+                log.warning("%s found no partition for a row (%s); retrying", what, exc)
+                partitions.forget_partitions(self.connection())
             except psycopg.OperationalError:
                 self.close()
                 raise
-        raise RuntimeError(f"{what} kept deadlocking; nothing of it was committed")
+        raise RuntimeError(
+            f"{what} kept failing (deadlocks or missing partitions); nothing of it was committed"
+        )
 
     def validate(self, rows: EventRows, bad: list[Rejected]) -> EventRows:
         """Step 2: split rows into the valid ones (returned) and failures (appended to ``bad``).
@@ -223,6 +265,8 @@ class MicroBatchWriter:
                 unique_bad.append(q)
         valid = self.validate(rows, unique_bad)
         clock.lap("validate")
+        self.ensure_partitions(valid.timestamps)
+        clock.lap("insert")  # part of storing the rows; a set lookup unless a day is new
         # Nothing committed on a deadlock: the messages stay un-acked and are redelivered if it persists.
         counts = self.retrying(
             lambda: self._commit(messages, per_msg_events, valid, unique_bad, run_id, clock), "micro-batch"
@@ -230,48 +274,60 @@ class MicroBatchWriter:
         counts.stages = clock.seconds
         return counts
 
+    def ensure_partitions(self, timestamps: Iterable[datetime | str]) -> None:
+        """Before the batch transaction: the day partitions of these event times, and of today and
+        tomorrow (UTC) so that midnight finds its partition ready. Known days cost a set lookup."""
+        today = datetime.now(UTC).date()
+        days = partitions.days_of(timestamps) | {today, today + timedelta(days=1)}
+        partitions.ensure_day_partitions(self.connection(), days)
+
     def insert_raw(
         self, cur: psycopg.Cursor, rows: EventRows, claimed: set[int] | None = None
     ) -> dict[int, int]:
-        """Step 3b, inside the caller's transaction: insert ``rows`` into ``usage_events``.
+        """Step 3b, inside the caller's transaction: store ``rows`` whose ids were never stored.
 
-        ``ON CONFLICT (id) DO NOTHING``: an id stored before, by any path, is not stored again. The
-        rows newly stored are also left in the temporary table ``new_events`` until the commit, for
-        ``aggregate_new``. Only rows of the ``claimed`` stream sequences are written when given.
-        Returns the number of newly stored events per stream sequence.
+        Each id is claimed in ``event_ids`` (``ON CONFLICT (id) DO NOTHING``, in id order so that two
+        writers lock keys in the same order); only the rows whose id this statement claimed go to
+        ``usage_events``: an id stored before, by any path and with any timestamp, is not stored again,
+        and of two concurrent writers holding the same id exactly one stores it (the other waits on the
+        key, then sees the conflict). The rows newly stored are also left in the temporary table
+        ``new_events`` until the commit, for ``aggregate_new``. Only rows of the ``claimed`` stream
+        sequences are written when given; of an id given twice, the first row counts. Raises
+        :class:`~meter_platform.storage.partitions.MissingDayPartitions` (before writing anything)
+        when a row's day has no partition yet. Returns the number of newly stored events per stream
+        sequence.
         """
-        cur.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS incoming (LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        n = len(rows.ids)
+        take = range(n) if claimed is None else [i for i in range(n) if rows.seqs[i] in claimed]
+        missing = partitions.missing_days(
+            cur.connection, partitions.days_of(rows.timestamps[i] for i in take)
         )
-        # Only what aggregation reads: copying metadata and times of every new row would cost more.
-        cur.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS new_events (id text, event_type text, customer_id text,"
-            " ts timestamptz, properties jsonb, stream_seq bigint) ON COMMIT DELETE ROWS"
-        )
+        if missing:
+            raise partitions.MissingDayPartitions(missing)
+        cur.execute(_TEMP_TABLES)
+        seen: set[str] = set()
         with cur.copy(
             "COPY incoming (id, event_type, customer_id, ts, received_at, properties, metadata, stream_seq)"
             " FROM STDIN"
         ) as copy:
-            for i in range(len(rows.ids)):
-                if claimed is None or rows.seqs[i] in claimed:
-                    copy.write_row(
-                        (
-                            rows.ids[i],
-                            rows.event_types[i],
-                            rows.customer_ids[i],
-                            rows.timestamps[i],
-                            rows.received[i],
-                            _json.encode(rows.properties[i]).decode(),
-                            _json.encode(rows.metadata[i]).decode(),
-                            rows.seqs[i],
-                        )
+            for i in take:
+                event_id = rows.ids[i]
+                if event_id in seen:
+                    continue
+                seen.add(event_id)
+                copy.write_row(
+                    (
+                        event_id,
+                        rows.event_types[i],
+                        rows.customer_ids[i],
+                        rows.timestamps[i],
+                        rows.received[i],
+                        _json.encode(rows.properties[i]).decode(),
+                        _json.encode(rows.metadata[i]).decode(),
+                        rows.seqs[i],
                     )
-        cur.execute(
-            "WITH ins AS (INSERT INTO usage_events SELECT * FROM incoming ORDER BY id"
-            " ON CONFLICT (id) DO NOTHING RETURNING id, event_type, customer_id, ts, properties, stream_seq)"
-            " INSERT INTO new_events SELECT * FROM ins"
-        )
-        return dict(cur.execute("SELECT stream_seq, count(*) FROM new_events GROUP BY 1").fetchall())
+                )
+        return dict(cur.execute(_STORE).fetchall())
 
     def aggregate_new(self, conn: psycopg.Connection) -> None:
         """Step 3d, inside the caller's transaction, after ``insert_raw``: aggregate the new rows only.
@@ -375,7 +431,7 @@ class MicroBatchWriter:
                 " payload, payload_text, reasons, stream_seq)"
                 " SELECT event_id, event_type, customer_id, ts, received_at, payload, payload_text, reasons,"
                 " stream_seq FROM incoming_q q WHERE q.event_id IS NULL OR NOT EXISTS"
-                " (SELECT 1 FROM usage_events u WHERE u.id = q.event_id) ORDER BY quarantine_id"
+                " (SELECT 1 FROM event_ids u WHERE u.id = q.event_id) ORDER BY quarantine_id"
                 " ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING RETURNING stream_seq)"
                 " SELECT stream_seq, count(*) FROM ins GROUP BY 1"
             ).fetchall()
