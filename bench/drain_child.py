@@ -1,4 +1,5 @@
-"""``--role drain``: the pipeline's drain() in its own process, timing the writer's batches."""
+"""``--role drain``: the pipeline's drain() in its own process, timing the writer's batches; with
+``--partition P`` (and METER_PARTITIONS > 1 in its environment) it drains partition P's consumer."""
 
 from __future__ import annotations
 
@@ -70,7 +71,13 @@ def drain_child(args: argparse.Namespace) -> int:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         with contextlib.suppress(asyncio.CancelledError):
             await drain(
-                args.nats_url, args.database_url, catalog, settings, run_id="bench", on_batch=on_batch
+                args.nats_url,
+                args.database_url,
+                catalog,
+                settings,
+                run_id=f"bench-p{args.partition}",
+                on_batch=on_batch,
+                partition=args.partition,  # METER_PARTITIONS > 1: this partition's consumer
             )
 
     asyncio.run(main())

@@ -89,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nats-url", help=argparse.SUPPRESS)
     p.add_argument("--database-url", help=argparse.SUPPRESS)
     p.add_argument("--stats-file", help=argparse.SUPPRESS)
+    p.add_argument("--partition", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 

@@ -9,7 +9,7 @@ import time
 
 from meter_platform.config import DrainSettings, IngestionSettings
 from meter_platform.ingestion.drain import drain
-from meter_platform.ingestion.runs import HANDOFF_LEAD_SECONDS, ActiveRun, Backlog, plan_runs
+from meter_platform.ingestion.runs import HANDOFF_LEAD_SECONDS, ActiveRun, Backlog, plan_partitions, plan_runs
 from tests.helpers import api_call, publish, scalar
 
 WARM = IngestionSettings(warm_runs=1, warm_run_seconds=1800)
@@ -101,3 +101,31 @@ def test_a_drain_reports_where_its_time_went_stage_by_stage(nats_server, databas
     assert set(counts.stages) == set(STAGES)
     assert all(seconds >= 0 for seconds in counts.stages.values())
     assert counts.stages["commit"] > 0 and counts.stages["insert"] > 0
+
+
+def test_each_partition_keeps_its_own_warm_run_and_adds_busy_runs_from_its_own_backlog():
+    """With METER_PARTITIONS above 1 the same decision is made per partition: a warm run each; a busy
+    run only where that partition's consumer has a deep backlog; the run limit per partition."""
+    deep = Backlog(pending=WARM.scale_out_backlog, waiting=WARM.scale_out_backlog, arriving=True)
+    plans = plan_partitions([], [QUIET, QUIET, QUIET], WARM)
+    assert [(p.partition, p.start, p.warm) for p in plans] == [
+        (0, True, True),
+        (1, True, True),
+        (2, True, True),
+    ]
+
+    warm_each = [ActiveRun(age_seconds=10, budget_seconds=1800, warm=True, partition=p) for p in range(3)]
+    plans = plan_partitions(warm_each, [QUIET, deep, QUIET], WARM)
+    assert [(p.partition, p.start, p.warm) for p in plans] == [
+        (0, False, False),
+        (1, True, False),
+        (2, False, False),
+    ]
+
+    # Partition 1 at its limit (its warm run and a busy run); partition 0's runs do not count there.
+    busy_1 = ActiveRun(age_seconds=5, budget_seconds=300, warm=False, partition=1)
+    plans = plan_partitions([*warm_each, busy_1], [deep, deep, QUIET], WARM)
+    assert plans[1].start is False and "the limit" in plans[1].reason
+    assert plans[0].start and not plans[0].warm  # partition 0's backlog gets its own busy run
+    # Unpartitioned, plan_partitions is plan_runs.
+    assert plan_partitions(warm_each[:1], [deep], WARM) == [plan_runs(warm_each[:1], deep, WARM)]
