@@ -292,3 +292,35 @@ def test_archive_eligible_archives_every_old_day(database_url, archive_db):
         assert {r.day for r in results if r.status == "archived"} >= {DAY, NEXT}
         assert not [d for d in hot_days(conn) if d < archive_db.cutoff()]
     assert any(line.startswith(f"{DAY}: archived part 1: 303 events") for line in lines)
+
+
+def test_the_dagster_asset_archives_its_day_and_checks_it(database_url, archive_db, monkeypatch):
+    from dagster import DagsterInstance, build_schedule_context, materialize
+
+    from meter_platform.defs.archive.assets import usage_events_archive
+    from meter_platform.defs.archive.jobs import archive_schedule
+    from meter_platform.defs.resources import PostgresResource
+
+    monkeypatch.setenv("METER_ARCHIVE_URL", archive_db.url)
+    write(database_url, events())
+    postgres = PostgresResource(url=database_url)
+    with DagsterInstance.ephemeral() as instance:
+        requests = archive_schedule(
+            build_schedule_context(instance=instance, scheduled_execution_time=datetime.now(UTC)),
+            postgres=postgres,
+        )
+        assert {DAY.isoformat(), NEXT.isoformat()} <= {r.partition_key for r in requests}
+        result = materialize([usage_events_archive], partition_key=DAY.isoformat(), resources={"postgres": postgres},
+                             instance=instance)  # fmt: skip
+        assert result.success
+        (mat,) = result.asset_materializations_for_node("usage_events_archive")
+        assert mat.metadata["rows"].value == 303 and mat.metadata["compression_ratio"].value > 1
+        checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+        assert checks == {"archive_matches_postgres": True, "archive_files_readable": True}
+        # A day still hot is not archived, and the run says so without materializing anything.
+        recent = TODAY - timedelta(days=3)
+        result = materialize([usage_events_archive], partition_key=recent.isoformat(),
+                             resources={"postgres": postgres}, instance=instance)  # fmt: skip
+        assert result.success and not result.asset_materializations_for_node("usage_events_archive")
+    with db.connect(database_url, autocommit=True) as conn:
+        assert DAY not in hot_days(conn)

@@ -20,6 +20,7 @@ DAGSTER_NAMES = {
         "jetstream_events",
         "quarantined_events",
         "usage_events",
+        "usage_events_archive",
         "usage_minute_aggregates",
     ],
     "asset_checks": [
@@ -35,13 +36,22 @@ DAGSTER_NAMES = {
         "usage_events:ledger_continuity",
         "usage_events:usage_without_subscription",
         "usage_events:values_within_declared_ranges",
+        "usage_events_archive:archive_files_readable",
+        "usage_events_archive:archive_matches_postgres",
         "usage_minute_aggregates:aggregates_reconcile_with_raw_events",
         "usage_minute_aggregates:no_negative_quantities",
         "usage_minute_aggregates:volume_anomaly",
     ],
-    "jobs": ["__ASSET_JOB", "billing_job", "data_quality_job", "ingest_microbatch_job", "meter_replay_job"],
+    "jobs": [
+        "__ASSET_JOB",
+        "billing_job",
+        "data_quality_job",
+        "ingest_microbatch_job",
+        "meter_replay_job",
+        "usage_events_archive_job",
+    ],
     "sensors": ["data_quality_alert_sensor", "jetstream_backlog_sensor", "meter_catalog_sensor"],
-    "schedules": ["billing_schedule", "data_quality_job_schedule"],
+    "schedules": ["billing_schedule", "data_quality_job_schedule", "usage_events_archive_schedule"],
     "resources": ["catalog", "nats", "postgres"],
 }
 

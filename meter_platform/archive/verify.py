@@ -126,3 +126,37 @@ def _compare_meters(conn: psycopg.Connection, day: date, paths: list[str], v: Ve
                 )
     finally:
         staging.drop_temp(conn, CHECK_TABLE)
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """A recorded part's file read back now: readable, zstd, and its rows and checksum as recorded."""
+
+    day: date
+    part: int
+    path: str
+    rows: int
+    bytes: int
+    problem: str | None  # None: the file matches its archived_days row
+
+
+def check_files(conn: psycopg.Connection, day: date) -> list[FileCheck]:
+    """Every part of ``day`` that still has its file, read again with DuckDB and compared with its row."""
+    out = []
+    for part, path, rows, size, checksum in conn.execute(
+        "SELECT part, path, rows, bytes, checksum FROM archived_days"
+        " WHERE day = %s AND path IS NOT NULL AND deleted_at IS NULL ORDER BY part",
+        (day,),
+    ).fetchall():
+        problem = None
+        try:
+            info = store.file_info(path)
+            got = duckdb_summary(path)
+            if info["codecs"] != ["ZSTD"]:
+                problem = f"not zstd-compressed: {info['codecs']}"
+            elif got != (rows, checksum):
+                problem = f"{got[0]} rows, checksum {got[1]}; recorded {rows} rows, checksum {checksum}"
+        except Exception as exc:  # a missing or unreadable file is what this check reports
+            problem = f"cannot read {path}: {exc}"
+        out.append(FileCheck(day, part, path, rows, size, problem))
+    return out

@@ -6,10 +6,10 @@ import argparse
 import os
 import sys
 
-from meter_platform.cli import billing, keys, meters, platform, quarantine, usage
+from meter_platform.cli import archive, billing, keys, meters, platform, quarantine, usage
 from meter_platform.cli.demo import command as demo_command
 
-GROUPS = (platform, demo_command, usage, quarantine, meters, billing, keys)
+GROUPS = (platform, demo_command, usage, quarantine, meters, billing, archive, keys)
 
 
 def build_parser() -> argparse.ArgumentParser:
