@@ -35,7 +35,7 @@ import psycopg
 from clients import LoadClient, count_error
 from events import EventFactory
 from report import say
-from stack import BENCH_SCRIPT, Stack, _stop_process, cpu_seconds, machine_busy_seconds
+from stack import BENCH_SCRIPT, Stack, _stop_process, cpu_seconds, machine_busy_seconds, own_cpu_seconds
 
 from meter_platform.runtime.servers import spawn
 from meter_platform.storage import db
@@ -56,12 +56,17 @@ class Round:
     accepted: int = 0
     pending_after: Any = None
     errors: dict[str, int] = field(default_factory=dict)
-    cpu: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)  # while the backlog drains
+    live_cpu: dict[str, float] = field(default_factory=dict)  # while sending live and catching up
     per_drainer_events: list[int] = field(default_factory=list)
 
     @property
     def backlog_eps(self) -> float:
         return self.backlog_events / self.backlog_seconds if self.backlog_seconds else 0.0
+
+    @property
+    def live_sent_eps(self) -> float:
+        return self.live_accepted / self.live_send_seconds if self.live_send_seconds else 0.0
 
     @property
     def live_eps(self) -> float:
@@ -168,31 +173,18 @@ async def _round(stack: Stack, args: argparse.Namespace, n: int, factory: EventF
     try:
         async with await psycopg.AsyncConnection.connect(db.libpq_url(stack.pg.url), autocommit=True) as conn:
             pids = {**stack.pids(), **{f"drain-p{p}": d.pid for p, d in enumerate(drains)}}
-            cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            busy0, wall0 = machine_busy_seconds(), time.monotonic()
+            meter = _Cpu(pids)
             first_at, first_count, done_at = await _wait_counted(conn, loaded, args.catch_up_timeout, drains)
-            wall = time.monotonic() - wall0
-            res.cpu = {name: 100 * (cpu_seconds(pid) - cpu0[name]) / wall for name, pid in pids.items()}
-            res.cpu["other"] = max(0.0, 100 * (machine_busy_seconds() - busy0) / wall - sum(res.cpu.values()))
+            res.cpu = meter.stop()
             if first_at is None or done_at is None:
                 res.caught_up = False
                 return res
             res.backlog_events, res.backlog_seconds = loaded - first_count, done_at - first_at
             say(f"N={n}: backlog drained at {res.backlog_eps:,.0f} ev/s")
-            if args.live_seconds > 0:
-                started = time.perf_counter()
-                res.live_accepted, errors = await _send(stack, args, factory, None, args.live_seconds)
-                res.live_send_seconds = time.perf_counter() - started
-                for k, v in errors.items():
-                    res.errors[k] = res.errors.get(k, 0) + v
-                _, _, done_at = await _wait_counted(
-                    conn, loaded + res.live_accepted, args.catch_up_timeout, drains
-                )
-                if done_at is None:
-                    res.caught_up = False
-                    return res
-                res.live_total_seconds = done_at - started
-                say(f"N={n}: live e2e {res.live_eps:,.0f} ev/s")
+            if args.live_seconds > 0 and not await _live(
+                stack, args, factory, conn, drains, res, loaded, pids
+            ):
+                return res
             res.accepted = loaded + res.live_accepted
             res.counted = await _count(conn)
             res.pending_after = await _acked(stack)
@@ -200,9 +192,55 @@ async def _round(stack: Stack, args: argparse.Namespace, n: int, factory: EventF
         for d in drains:
             _stop_process(d)
     for p in range(n):
-        stats = json.loads((stack.tmp / f"drain-p{p}.json").read_text() or "{}")
+        stats_file = stack.tmp / f"drain-p{p}.json"
+        stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
         res.per_drainer_events.append(int(stats.get("events", 0)))
     return res
+
+
+async def _live(
+    stack: Stack,
+    args: argparse.Namespace,
+    factory: EventFactory,
+    conn: psycopg.AsyncConnection,
+    drains: list[subprocess.Popen],
+    res: Round,
+    loaded: int,
+    pids: dict[str, int],
+) -> bool:
+    """Send as fast as the gateway accepts for ``--live-seconds`` while the drainers run; time until
+    every accepted event is counted. False when the drainers did not catch up."""
+    meter = _Cpu(pids)
+    started = time.perf_counter()
+    res.live_accepted, errors = await _send(stack, args, factory, None, args.live_seconds)
+    res.live_send_seconds = time.perf_counter() - started
+    for k, v in errors.items():
+        res.errors[k] = res.errors.get(k, 0) + v
+    _, _, done_at = await _wait_counted(conn, loaded + res.live_accepted, args.catch_up_timeout, drains)
+    res.live_cpu = meter.stop()
+    if done_at is None:
+        res.caught_up = False
+        return False
+    res.live_total_seconds = done_at - started
+    say(f"N={res.drainers}: live: sent {res.live_sent_eps:,.0f} ev/s, e2e {res.live_eps:,.0f} ev/s")
+    return True
+
+
+class _Cpu:
+    """CPU of the given processes (and of the load generator, and of everything else) from now until
+    stop(), as % of one core."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+        self.before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        self.client0, self.busy0, self.wall0 = own_cpu_seconds(), machine_busy_seconds(), time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        wall = time.monotonic() - self.wall0
+        out = {name: 100 * (cpu_seconds(pid) - self.before[name]) / wall for name, pid in self.pids.items()}
+        out["client"] = 100 * (own_cpu_seconds() - self.client0) / wall
+        out["other"] = max(0.0, 100 * (machine_busy_seconds() - self.busy0) / wall - sum(out.values()))
+        return out
 
 
 async def _acked(stack: Stack, timeout: float = 15.0) -> Any:
@@ -219,21 +257,32 @@ async def _acked(stack: Stack, timeout: float = 15.0) -> Any:
             await asyncio.sleep(0.2)
 
 
+def _cpu(figures: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in sorted(figures.items()))
+
+
 def _print(rounds: list[Round]) -> None:
     base = next((r for r in rounds if r.drainers == 1), rounds[0])
+
+    def ratio(value: float, one: float) -> str:
+        return f"{value / one:.2f}" if one else "-"
+
     print()
     print("DRAINERS (METER_PARTITIONS = N, one drain process per partition)")
     print(
-        f"  {'N':>2}  {'backlog ev/s':>12}  {'x of 1':>6}  {'live e2e ev/s':>13}  {'x of 1':>6}  CPU % of one core"
+        f"  {'N':>2}  {'backlog ev/s':>12}  {'x of 1':>6}  {'live sent ev/s':>14}  {'live e2e ev/s':>13}  {'x of 1':>6}"
     )
     for r in rounds:
-        ratio = r.backlog_eps / base.backlog_eps if base.backlog_eps else float("nan")
-        live_ratio = r.live_eps / base.live_eps if base.live_eps else float("nan")
-        cpu = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r.cpu.items()))
         print(
-            f"  {r.drainers:>2}  {r.backlog_eps:>12,.0f}  {ratio:>6.2f}  {r.live_eps:>13,.0f}  "
-            f"{live_ratio:>6.2f}  {cpu}"
+            f"  {r.drainers:>2}  {r.backlog_eps:>12,.0f}  {ratio(r.backlog_eps, base.backlog_eps):>6}  "
+            f"{r.live_sent_eps:>14,.0f}  {r.live_eps:>13,.0f}  {ratio(r.live_eps, base.live_eps):>6}"
         )
+    print()
+    print("CPU, % of one core (backlog: while the backlog drains; live: sending until all counted)")
+    for r in rounds:
+        print(f"  N={r.drainers} backlog: {_cpu(r.cpu)}")
+        if r.live_cpu:
+            print(f"  N={r.drainers} live:    {_cpu(r.live_cpu)}")
     print()
     print("CHECKS")
     for r in rounds:
