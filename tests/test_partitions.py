@@ -461,3 +461,18 @@ def test_the_sensor_keeps_a_warm_run_per_partition_and_adds_busy_runs_where_even
     assert isinstance(result, list) and len(result) == 1
     assert result[0].tags[sensors.PARTITION_TAG] == "1" and sensors.WARM_TAG not in result[0].tags
     assert result[0].run_config["ops"]["ingest_microbatches"]["config"] == {"partition": 1}
+
+
+def test_metrics_sum_the_partitions_consumers(gateway4, nats_server):
+    publish_gateway_batch(nats_server.url, gateway_subject(3, 4), [api_call("m-3", customer="x")])
+    publish_gateway_batch(nats_server.url, gateway_subject(1, 4), [api_call("m-1", customer="y")])
+    publish(nats_server.url, api_call("m-direct"))
+    text = gateway4.get("/metrics").text
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith(("meter_jetstream_consumer_", "meter_pipeline_oldest_waiting_seconds"))
+    }
+    assert values["meter_jetstream_consumer_pending"] == 3
+    assert values["meter_jetstream_consumer_ack_floor"] == 0
+    assert values["meter_pipeline_oldest_waiting_seconds"] > 0  # the p3 message's age, read by subject
