@@ -12,8 +12,9 @@ Each route group lives in its own module (``events``, ``meters``, ``quarantine``
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,6 +33,35 @@ from meter_platform.config import Settings, load_settings
 from meter_platform.errors import PlatformError
 
 log = logging.getLogger("ingest_gateway")
+
+#: The collector's first threshold while the gateway serves (Python's default: 700). A request of 100
+#: events allocates a few hundred containers, so at 700 the collector ran after every other request,
+#: and every tenth of those runs went on into the older generations.
+GC_THRESHOLD = 10_000
+
+
+@contextlib.contextmanager
+def _settled_heap() -> Iterator[None]:
+    """Serve with the start-up heap frozen and young collections rarer; as before afterwards.
+
+    Profiled under load, a third of the gateway's CPU went to the cyclic garbage collector: each full
+    collection walked the ~100k objects of the imported modules (Starlette, SQLAlchemy, NATS, the
+    catalog), which never become garbage. ``gc.freeze()`` moves them out of the collector's sight, and
+    a higher first threshold makes the collections of the requests' short-lived objects rarer (each
+    collects more of them at once). Nothing is left uncollected: garbage made while serving is
+    collected as ever, and the frozen objects go back to the collector when the app stops (tests
+    start many apps in one process).
+    """
+    threshold = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+
 
 #: Every endpoint, one block per route group.
 ROUTES = [
@@ -107,7 +137,8 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         await gateway.start()
         app.state.gateway = gateway
         try:
-            yield
+            with _settled_heap():
+                yield
         finally:
             await gateway.stop()
 
