@@ -28,8 +28,12 @@ _RFC3339_RE = re.compile(RFC3339)
 _FRACTION_RE = re.compile(r"\.(\d{7,9})")
 
 
-class Event(msgspec.Struct, omit_defaults=True):
-    """One usage event as the contract defines it."""
+class Event(msgspec.Struct, omit_defaults=True, dict=True):
+    """One usage event as the contract defines it.
+
+    ``dict=True`` lets the gateway note, beside the fields (never encoded), that a request's events
+    can go on as their sender wrote them (:func:`forward_as_sent`).
+    """
 
     event_type: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
     customer_id: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -309,8 +313,57 @@ def check_times(events: list[Event | None], received_us: int) -> list[ItemError]
     return errors
 
 
+class _SentBatch(msgspec.Struct):
+    """A :class:`GatewayBatch` whose events are the JSON array their sender wrote: same bytes on the wire."""
+
+    received_at: int
+    events: msgspec.Raw
+
+
+#: The private attribute of a request's first event that holds its request's JSON (see forward_as_sent).
+_AS_SENT = "_as_sent"
+
+
+def sent_unchanged(events: list[Event]) -> bool:
+    """Whether every event carries an id and a canonical timestamp: then the gateway changes nothing in
+    them (:func:`check_times` keeps a canonical timestamp as it is, or refuses the request)."""
+    return all(e.id is not None and e.timestamp is not None and _is_canonical(e.timestamp) for e in events)
+
+
+def forward_as_sent(events: list[Event], array: bytes) -> None:
+    """Note that ``events`` are exactly the JSON array ``array`` (the request body, already decoded
+    into them and checked, nothing of them changed): :func:`encode_batch` then puts those bytes in the
+    message instead of encoding the events again.
+
+    The note sits on the first event and names the run it covers (its length and its last event), so
+    it applies only to a batch of exactly these events in this order: a copy of the list still
+    qualifies; a part of it, or several requests gathered into one message, is encoded as usual.
+    The pipeline decodes the bytes with the same :class:`Event` decoder the gateway checked them with,
+    so it reads the same events (fields it does not know are ignored at both ends).
+    """
+    if events:
+        events[0].__dict__[_AS_SENT] = (array, len(events), events[-1])
+
+
+def _as_sent(batch: GatewayBatch) -> bytes | None:
+    """The request's own JSON array when the batch is exactly one request's events, unchanged."""
+    if batch.spans or not batch.events:
+        return None
+    note = batch.events[0].__dict__.get(_AS_SENT)
+    if note is None or note[1] != len(batch.events) or note[2] is not batch.events[-1]:
+        return None
+    return note[0]
+
+
 def encode_batch(batch: GatewayBatch) -> bytes:
-    """Serialize a gateway batch for JetStream (with more room for depth, as :func:`decode_batch`)."""
+    """Serialize a gateway batch for JetStream (with more room for depth, as :func:`decode_batch`).
+
+    Events the gateway forwards as sent (:func:`forward_as_sent`) are not encoded again: the message
+    holds the request's own array beside ``received_at``, in the same JSON shape.
+    """
+    sent = _as_sent(batch)
+    if sent is not None:
+        return _encoder.encode(_SentBatch(batch.received_at, msgspec.Raw(sent)))
     try:
         return _encoder.encode(batch)
     except RecursionError:
