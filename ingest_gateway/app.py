@@ -22,6 +22,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ingest_gateway import auth, billing, events, keys, meters, metrics, peers, quarantine, status, webhooks
 from ingest_gateway.gateway import Gateway
@@ -63,10 +64,13 @@ def _settled_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
+#: The capture route, served by :class:`CaptureShortcut` (and listed in ROUTES like every route).
+CAPTURE_PATH = "/v1/events"
+
 #: Every endpoint, one block per route group.
 ROUTES = [
     # capture, and the events' state
-    Route("/v1/events", events.post_events, methods=["POST"]),
+    Route(CAPTURE_PATH, events.post_events, methods=["POST"]),
     Route("/v1/events/{event_id:path}", events.get_event, methods=["GET"]),
     # meters and usage
     Route("/v1/meters", meters.list_meters, methods=["GET"]),
@@ -99,6 +103,34 @@ ROUTES = [
     *metrics.ROUTES,
     *peers.ROUTES,
 ]
+
+
+class CaptureShortcut:
+    """Innermost middleware: ``POST /v1/events`` goes straight to its handler.
+
+    Capture is nearly all the gateway's traffic, and each request through Starlette's exception
+    middleware, router and per-request wrappers cost about a sixth of the CPU of a single-event request
+    (profiled under load). The handler's errors are answered here exactly as the exception handlers
+    below answer them (the contract's error shape); anything else goes on up to the server-error
+    middleware, which answers 500 and logs it, as before. Every other request takes the usual path.
+    The metrics and API-key middleware around it see every request as before.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != CAPTURE_PATH:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        try:
+            response = await events.post_events(request)
+        except ApiError as exc:
+            response = await _api_error(request, exc)
+        except PlatformError as exc:
+            response = await _platform_error(request, exc)
+        await response(scope, receive, send)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -148,6 +180,7 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
         middleware=[
             Middleware(RequestMetrics),  # outermost: counts the requests auth refuses too
             Middleware(auth.AuthMiddleware),  # API keys on every /v1 route
+            Middleware(CaptureShortcut),  # POST /v1/events past the router
         ],
         exception_handlers={
             ApiError: _api_error,
