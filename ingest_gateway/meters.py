@@ -5,9 +5,10 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ingest_gateway.archived import usage_rows
 from ingest_gateway.gateway import gateway_of
 from ingest_gateway.http import ApiError, json_response
-from meter_platform.meters.usage import UsageQueryError, build_query, usage_answer, usage_sql
+from meter_platform.meters.usage import UsageQueryError, build_query, usage_answer
 
 
 async def list_meters(request: Request) -> Response:
@@ -26,5 +27,4 @@ async def meter_usage(request: Request) -> Response:
         q = build_query(meter, dict(request.query_params))
     except UsageQueryError as exc:
         raise ApiError(400, str(exc)) from exc
-    sql, params = usage_sql(q)
-    return json_response(usage_answer(q, await gw.query(sql, params)))
+    return json_response(usage_answer(q, await usage_rows(gw, q)))

@@ -40,7 +40,11 @@ from meter_platform.meters.rebuild import replay_meter, sync_meters
 from meter_platform.meters.usage import UsageQuery
 from meter_platform.storage import db
 from meter_platform.storage.partitions import day_partition_name, hot_days
+from tests.billing.support import AFTER_GRACE, MARCH, billing_catalog, invoices, march, old_events_allowed
 from tests.conftest import TABLES
+from tests.helpers import AUTH, serve
+
+__all__ = ["billing_catalog", "march", "old_events_allowed"]  # fixtures of the billing tests
 
 CATALOG = load_catalog(Path(__file__).parent / "catalogs" / "all_aggregations")
 TODAY = datetime.now(UTC).date()
@@ -324,3 +328,83 @@ def test_the_dagster_asset_archives_its_day_and_checks_it(database_url, archive_
         assert result.success and not result.asset_materializations_for_node("usage_events_archive")
     with db.connect(database_url, autocommit=True) as conn:
         assert DAY not in hot_days(conn)
+
+
+def test_the_gateway_answers_the_same_after_archiving(database_url, archive_db, settings):
+    import httpx
+
+    from ingest_gateway.app import create_app
+
+    write(database_url, events())
+    queries = [
+        (
+            slug,
+            {"from": format_timestamp(s), "to": format_timestamp(e), "window": w, "group_by": "customer_id"},
+        )
+        for slug in ("amount_sum", "requests", "unique_users", "latest_amount")
+        for s, e in RANGES[:2]
+        for w in ("day", "hour")
+    ]
+
+    def read(url: str) -> tuple[list[Any], Any]:
+        with httpx.Client(base_url=url, headers=AUTH, timeout=30) as client:
+            answers = []
+            for slug, params in queries:
+                r = client.get(f"/v1/meters/{slug}/usage", params=params)
+                assert r.status_code == 200, r.text
+                answers.append(r.json())
+            found = client.get("/v1/events/edge-end")
+            assert found.status_code == 200, found.text
+            return answers, found.json()
+
+    with serve(create_app(settings, CATALOG)) as url:
+        before = read(url)
+        archive(database_url, archive_db)
+        after = read(url)
+    assert after == before and before[1]["state"] == "stored" and before[1]["customer_id"] == "c1"
+    assert any(a["data"] and a["data"][0]["value"] for a in before[0])
+
+
+def _invoice_lines(database_url: str) -> dict[str, Any]:
+    return {
+        c: (
+            i["total"],
+            [(ln["type"], ln["meter"], ln["group"], ln["quantity"], ln["amount"]) for ln in i["lines"]],
+        )
+        for c, i in invoices(database_url).items()
+    }
+
+
+def test_an_invoice_is_the_same_after_archiving_its_month(march, database_url, tmp_path):
+    from meter_platform.billing import invoicing
+
+    with db.connect(database_url, autocommit=True) as conn:
+        conn.execute("TRUNCATE archived_days")
+    invoicing.bill_period(database_url, march, MARCH, now=AFTER_GRACE)
+    before = _invoice_lines(database_url)
+    settings = ArchiveSettings(hot_days=40, url=str(tmp_path / "archive"))
+    with db.connect(database_url, autocommit=True) as conn:
+        results = archive_eligible(conn, settings)
+        march_days = {r.day for r in results if r.status == "archived" and r.rows}
+        assert {date(2026, 3, d) for d in (2, 3, 4, 10, 13, 14, 20, 21, 22, 23)} <= march_days
+        assert conn.execute("SELECT count(*) FROM usage_events WHERE ts < '2026-04-01'").fetchone() == (0,)
+    invoicing.bill_period(database_url, march, MARCH, now=AFTER_GRACE)
+    assert _invoice_lines(database_url) == before and before["a"][0] == "20.94"
+
+
+def test_meter_archive_lists_then_archives(database_url, archive_db, monkeypatch, capsys):
+    from meter_platform.cli import main
+
+    monkeypatch.setenv("METER_DATABASE_URL", database_url)
+    monkeypatch.setenv("METER_ARCHIVE_URL", archive_db.url)
+    write(database_url, events())
+    assert main(["archive", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{DAY}  303" in out and f"{NEXT}  50" in out
+    with db.connect(database_url, autocommit=True) as conn:
+        assert DAY in hot_days(conn)
+    assert main(["archive"]) == 0
+    out = capsys.readouterr().out
+    assert f"{DAY}: archived part 1: 303 events" in out and "events written" in out
+    with db.connect(database_url, autocommit=True) as conn:
+        assert DAY not in hot_days(conn) and NEXT not in hot_days(conn)

@@ -19,12 +19,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ingest_gateway.archived import usage_rows
 from ingest_gateway.gateway import Gateway, gateway_of
 from ingest_gateway.http import ApiError, json_response, read_json_object
 from ingest_gateway.peers.openmeter_problems import problems, with_problems
 from meter_platform.capture.envelope import format_timestamp
 from meter_platform.catalog import Meter
-from meter_platform.meters.usage import UsageQueryError, build_query, usage_answer, usage_sql
+from meter_platform.meters.usage import UsageQueryError, build_query, usage_answer
 
 WINDOW_SIZES = ("MINUTE", "HOUR", "DAY", "MONTH")
 #: groupBy values that mean "by customer" (OpenMeter reserves ``subject``).
@@ -138,8 +139,7 @@ async def run_query(gw: Gateway, meter: Meter, mq: MeterQuery) -> dict[str, Any]
     rows: list[dict[str, Any]] = []
     start, end = (format_timestamp(q.start) if q.start else None), format_timestamp(q.end)
     for q in queries:
-        sql, sql_params = usage_sql(q)
-        answer = usage_answer(q, await gw.query(sql, sql_params))
+        answer = usage_answer(q, await usage_rows(gw, q))
         if "next_offset" in answer:
             raise ApiError(400, "The answer has more than 10,000 rows; narrow the range or widen windowSize.")
         start = answer["from"]

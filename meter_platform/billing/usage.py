@@ -14,10 +14,10 @@ from typing import Any
 
 import psycopg
 
+from meter_platform.archive import reader
 from meter_platform.catalog import Meter
 from meter_platform.catalog.plans import Charge
-from meter_platform.meters.aggregates import psycopg_bind
-from meter_platform.meters.usage import MAX_ROWS, UsageQuery, usage_sql
+from meter_platform.meters.usage import MAX_ROWS, UsageQuery
 
 UsageRows = list[tuple[dict[str, Any] | None, Decimal, int]]
 
@@ -31,8 +31,7 @@ def _values(
     group_by: tuple[str, ...],
 ) -> dict[tuple, Decimal]:
     q = UsageQuery(meter=meter, start=start, end=end, group_by=group_by, customer_id=customer, limit=MAX_ROWS)
-    sql, params = usage_sql(q, psycopg_bind)
-    rows = conn.execute(sql, params).fetchall()
+    rows = reader.usage_rows(conn, q)  # archived days included
     if len(rows) > MAX_ROWS:
         raise RuntimeError(
             f"{meter.slug}: more than {MAX_ROWS} groups for {customer}; group by fewer dimensions"
