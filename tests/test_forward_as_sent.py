@@ -3,12 +3,16 @@ the pipeline reads exactly the events the gateway checked (no server needed)."""
 
 from __future__ import annotations
 
+import time
+import uuid
+
 from meter_platform.capture.envelope import (
     GatewayBatch,
     decode_batch,
     decode_events,
     encode_batch,
     forward_as_sent,
+    new_event_id,
     sent_unchanged,
 )
 from meter_platform.capture.messages import EventRows, Message, Rejected, decode_message
@@ -68,3 +72,14 @@ def test_events_the_gateway_changes_are_not_sent_unchanged():
     )
     for events, _, _ in (no_id, no_time, offset):
         assert not sent_unchanged(events)
+
+
+def test_ids_the_gateway_makes_are_uuid7_in_arrival_order():
+    ids = [new_event_id() for _ in range(200)]
+    for made in ids:
+        parsed = uuid.UUID(made)
+        assert str(parsed) == made and parsed.version == 7 and parsed.variant == uuid.RFC_4122
+    assert len(set(ids)) == len(ids)
+    later = new_event_id()
+    time.sleep(0.002)
+    assert new_event_id()[:13] > later[:13]  # the millisecond timestamp leads

@@ -10,7 +10,6 @@ import os
 import re
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
@@ -165,7 +164,8 @@ def new_event_id() -> str:
         | 0b10 << 62
         | rand & (2**62 - 1)
     )
-    return str(uuid.UUID(int=value))
+    h = f"{value:032x}"  # uuid.UUID's own string, without making the object (a third of the time)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 _MISSING_RE = re.compile(r"^Object missing required field `([^`]+)`(?: - at `\$(.*)`)?$")
@@ -291,12 +291,12 @@ def check_times(events: list[Event | None], received_us: int) -> list[ItemError]
     errors: list[ItemError] = []
     received = us_to_datetime(received_us)
     horizon = received + MAX_FUTURE_SKEW
-    default = format_timestamp(received)
+    default: str | None = None  # made when an event needs it (most senders stamp their events)
     for i, event in enumerate(events):
         if event is None:
             continue
         if event.timestamp is None:
-            event.timestamp = default
+            event.timestamp = default = default or format_timestamp(received)
             continue
         canonical = _is_canonical(event.timestamp)
         try:
