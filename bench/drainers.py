@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -78,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--drainers", default="1,2,4", help="drainer counts (= METER_PARTITIONS) to measure")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds per count, interleaved (1,2,4,1,2,4...); medians printed",
+    )
     p.add_argument("--events", type=int, default=150_000, help="events in the backlog each round drains")
     p.add_argument("--live-seconds", type=float, default=15.0, help="seconds of live sending (0: skip)")
     p.add_argument("--concurrency", type=int, default=64, help="concurrent HTTP clients")
@@ -262,20 +269,25 @@ def _cpu(figures: dict[str, float]) -> str:
 
 
 def _print(rounds: list[Round]) -> None:
-    base = next((r for r in rounds if r.drainers == 1), rounds[0])
+    counts = sorted({r.drainers for r in rounds})
+    backlog = {n: statistics.median(r.backlog_eps for r in rounds if r.drainers == n) for n in counts}
+    live = {n: statistics.median(r.live_eps for r in rounds if r.drainers == n) for n in counts}
+    sent = {n: statistics.median(r.live_sent_eps for r in rounds if r.drainers == n) for n in counts}
+    one = counts[0]
 
-    def ratio(value: float, one: float) -> str:
-        return f"{value / one:.2f}" if one else "-"
+    def ratio(value: float, base: float) -> str:
+        return f"{value / base:.2f}" if base else "-"
 
     print()
-    print("DRAINERS (METER_PARTITIONS = N, one drain process per partition)")
+    print("DRAINERS (METER_PARTITIONS = N, one drain process per partition; medians of the rounds)")
     print(
-        f"  {'N':>2}  {'backlog ev/s':>12}  {'x of 1':>6}  {'live sent ev/s':>14}  {'live e2e ev/s':>13}  {'x of 1':>6}"
+        f"  {'N':>2}  {'backlog ev/s':>12}  {'x of ' + str(one):>6}  {'live sent ev/s':>14}  {'live e2e ev/s':>13}  {'x of ' + str(one):>6}  rounds (backlog ev/s)"
     )
-    for r in rounds:
+    for n in counts:
+        each = ", ".join(f"{r.backlog_eps:,.0f}" for r in rounds if r.drainers == n)
         print(
-            f"  {r.drainers:>2}  {r.backlog_eps:>12,.0f}  {ratio(r.backlog_eps, base.backlog_eps):>6}  "
-            f"{r.live_sent_eps:>14,.0f}  {r.live_eps:>13,.0f}  {ratio(r.live_eps, base.live_eps):>6}"
+            f"  {n:>2}  {backlog[n]:>12,.0f}  {ratio(backlog[n], backlog[one]):>6}  "
+            f"{sent[n]:>14,.0f}  {live[n]:>13,.0f}  {ratio(live[n], live[one]):>6}  {each}"
         )
     print()
     print("CPU, % of one core (backlog: while the backlog drains; live: sending until all counted)")
@@ -308,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[Round] = []
     began = time.monotonic()
     try:
-        for n in counts:
+        for n in [n for _ in range(args.repeat) for n in counts]:
             os.environ["METER_PARTITIONS"] = str(n)  # the gateway and the drainers inherit it
             stack = Stack(stack_args)
             try:
