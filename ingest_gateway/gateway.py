@@ -69,6 +69,8 @@ class Gateway:
         #: start()); ``group`` is partition 0's (the only one when unpartitioned).
         self.groups: list[GroupCommitter] = []
         self.group: GroupCommitter | None = None
+        #: Parts of at most this many events go through group commit.
+        self._group_limit = settings.group_commit_max_request_events
 
     async def start(self) -> None:
         """Connect to NATS (making sure the stream exists) and create the database pool."""
@@ -89,6 +91,8 @@ class Gateway:
                 for p in range(self.partitions)
             ]
             self.group = self.groups[0]
+            if self.partitions > 1:
+                self._group_limit = self.groups[0].max_events
 
     async def stop(self) -> None:
         """Flush and close NATS; dispose of the pool."""
@@ -167,8 +171,12 @@ class Gateway:
         publish_succeeded(len(events), time.perf_counter() - started)
 
     async def _publish_part(self, partition: int, events: list[Event], received_us: int) -> None:
-        """One partition's events: shared with its neighbours' when small (group commit), else alone."""
-        if self.groups and len(events) <= self.settings.group_commit_max_request_events:
+        """One partition's events: shared with its neighbours' when small (group commit), else alone.
+
+        With several partitions, any part up to a group message's size shares: a request split N ways
+        would otherwise cost N messages (see :mod:`ingest_gateway.group_commit`).
+        """
+        if self.groups and len(events) <= self._group_limit:
             await self.groups[partition].submit(events, received_us)
             return
         publish = self._publisher(gateway_subject(partition, self.partitions))

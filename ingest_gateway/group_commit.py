@@ -15,8 +15,12 @@ of a few events each arrive faster than JetStream acks them, the gateway gathers
 Each event keeps its own request's receive time (``GatewayBatch.spans``).
 
 With ``METER_PARTITIONS`` above 1 the gateway keeps one committer per partition (each publishing on
-its partition's subject) and submits each request's part to its partition's: small requests are
-merged per partition, and a request is answered once every one of its parts is acked.
+its partition's subject) and submits each request's part to its partition's: requests are merged per
+partition, and a request is answered once every one of its parts is acked. There every part of up to
+``max_events`` goes through its committer, not only small ones: splitting a request of 100 events over
+4 partitions makes 4 messages of 25, and merging the parts of concurrent requests gives the message
+count back. A single request too big for one message is published in halves (answered once all are
+acked), as the gateway splits a large request.
 """
 
 from __future__ import annotations
@@ -97,7 +101,12 @@ class GroupCommitter:
     async def _send_one(self, part: tuple[list[_Request], bytes]) -> None:
         requests, payload = part
         try:
-            await self.publish(payload)
+            if len(payload) > self.max_bytes and len(requests) == 1 and len(requests[0].events) > 1:
+                # One request too big for a message (a partition's part of a large request may come
+                # here): in halves, as the gateway splits a large request; answered once all are acked.
+                await asyncio.gather(*(self.publish(p) for p in _halves(requests[0], self.max_bytes)))
+            else:
+                await self.publish(payload)
         except Exception as exc:  # not durable: every request of this message is told, and only they
             for r in requests:
                 if not r.done.done():
@@ -113,3 +122,17 @@ def _encode(requests: list[_Request]) -> bytes:
     events = [e for r in requests for e in r.events]
     spans = [(len(r.events), r.received_us) for r in requests] if len(requests) > 1 else None
     return encode_batch(GatewayBatch(received_at=requests[0].received_us, events=events, spans=spans))
+
+
+def _halves(request: _Request, max_bytes: int) -> list[bytes]:
+    """One request's events as messages under ``max_bytes``, halving until they fit (or are single)."""
+    pending, out = [request.events], []
+    while pending:
+        events = pending.pop()
+        payload = encode_batch(GatewayBatch(received_at=request.received_us, events=events))
+        if len(payload) <= max_bytes or len(events) == 1:
+            out.append(payload)
+        else:
+            half = len(events) // 2
+            pending += [events[half:], events[:half]]
+    return out

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 from nats.js.api import StreamInfo
@@ -39,7 +40,7 @@ from meter_platform.config import (
 )
 from meter_platform.ingestion.counts import BatchCounts
 from meter_platform.ingestion.drain import drain
-from tests.helpers import AUTH, api_call, limit_stream, publish, query, scalar
+from tests.helpers import AUTH, api_call, limit_stream, publish, query, scalar, serve
 
 SMALL = DrainSettings(batch_size=3, fetch_timeout=0.3, max_seconds=90, idle_seconds=0.8)
 
@@ -476,3 +477,60 @@ def test_metrics_sum_the_partitions_consumers(gateway4, nats_server):
     assert values["meter_jetstream_consumer_pending"] == 3
     assert values["meter_jetstream_consumer_ack_floor"] == 0
     assert values["meter_pipeline_oldest_waiting_seconds"] > 0  # the p3 message's age, read by subject
+
+
+def test_small_requests_are_merged_per_partition(
+    nats_server, settings, catalog, clean, database_url, monkeypatch
+):
+    """Group commit with four partitions: 200 concurrent single-event requests share messages, each
+    message holds the events of one partition only, each request answered once its part is acked."""
+    apply_layout(nats_server.url, monkeypatch, 4)
+
+    async def send(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as client:
+            return await asyncio.gather(
+                *(
+                    client.post("/v1/events", json=api_call(f"gc4-{i}", customer=f"c{i % 13}"))
+                    for i in range(200)
+                )
+            )
+
+    with serve(create_app(settings, catalog)) as url:
+        answers = asyncio.run(send(url))
+    assert [a.status_code for a in answers] == [202] * 200
+    landed = subjects(nats_server.url)
+    assert set(landed) == {gateway_subject(p, 4) for p in {partition_of(f"c{i}", 4) for i in range(13)}}
+    assert sum(landed.values()) < 200, "concurrent small requests should share messages"
+    drain_partitions(nats_server.url, database_url, catalog, list(range(4)))
+    assert_exact(database_url, {f"gc4-{i}" for i in range(200)})
+    # Every stored event came in a message of its own customer's partition.
+    rows = query(
+        database_url,
+        "SELECT DISTINCT e.customer_id, m.subject FROM usage_events e JOIN ingest_messages m"
+        " ON m.stream_seq = e.stream_seq",
+    )
+    assert rows and all(subject == gateway_subject(partition_of(c, 4), 4) for c, subject in rows)
+
+
+def test_a_part_too_big_for_one_message_is_published_in_halves():
+    """With partitions, parts of large requests go through group commit: one bigger than a message
+    is halved until each piece fits, and answered once every piece is acked."""
+    from ingest_gateway.group_commit import GroupCommitter
+    from meter_platform.capture.envelope import decode_batch
+
+    published: list[bytes] = []
+
+    async def publish(payload: bytes) -> None:
+        published.append(payload)
+        await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        group = GroupCommitter(publish, max_bytes=400, max_in_flight=1)
+        events = [Event(event_type="api_call", customer_id="c", id=f"h{i}") for i in range(9)]
+        await group.submit(events, 1)
+        assert group.messages == 1 and group.requests == 1
+
+    asyncio.run(scenario())
+    ids = [e.id for p in published for e in decode_batch(p).events]
+    assert sorted(ids) == sorted(f"h{i}" for i in range(9)) and len(published) > 1
+    assert all(len(p) <= 400 for p in published)
