@@ -365,21 +365,23 @@ def test_the_gateway_answers_the_same_after_archiving(database_url, archive_db, 
     assert any(a["data"] and a["data"][0]["value"] for a in before[0])
 
 
-def _invoice_lines(database_url: str) -> dict[str, Any]:
+def _invoice_lines(database_url: str, period: str = MARCH) -> dict[str, Any]:
     return {
         c: (
             i["total"],
             [(ln["type"], ln["meter"], ln["group"], ln["quantity"], ln["amount"]) for ln in i["lines"]],
         )
-        for c, i in invoices(database_url).items()
+        for c, i in invoices(database_url, period).items()
     }
 
 
-def test_an_invoice_is_the_same_after_archiving_its_month(march, database_url, tmp_path):
+def test_an_invoice_is_the_same_after_archiving_its_month(march, nats_server, database_url, tmp_path):
     from meter_platform.billing import invoicing
+    from tests.billing.support import send, ts
+    from tests.helpers import api_call
 
     with db.connect(database_url, autocommit=True) as conn:
-        conn.execute("TRUNCATE archived_days")
+        conn.execute("TRUNCATE archived_days CASCADE")
     invoicing.bill_period(database_url, march, MARCH, now=AFTER_GRACE)
     before = _invoice_lines(database_url)
     settings = ArchiveSettings(hot_days=40, url=str(tmp_path / "archive"))
@@ -390,6 +392,21 @@ def test_an_invoice_is_the_same_after_archiving_its_month(march, database_url, t
         assert conn.execute("SELECT count(*) FROM usage_events WHERE ts < '2026-04-01'").fetchone() == (0,)
     invoicing.bill_period(database_url, march, MARCH, now=AFTER_GRACE)
     assert _invoice_lines(database_url) == before and before["a"][0] == "20.94"
+    # A late event after March was finalized is an adjustment on April's draft, also once its day is
+    # archived (billing finds late usage of archived days in archived_customer_days).
+    invoicing.bill_period(database_url, march, MARCH, finalize=True, now=AFTER_GRACE)
+    send(nats_server, database_url, march, [api_call("a-late", "a", ts=ts(30))])
+    april_now = datetime(2026, 4, 20, tzinfo=UTC)
+    invoicing.bill_period(database_url, march, "2026-04", now=april_now)
+    april = _invoice_lines(database_url, "2026-04")
+    assert [line[1] for line in april["a"][1] if line[0] == "adjustment"] == [
+        "api_calls",
+        "bytes_transferred",
+    ]
+    with db.connect(database_url, autocommit=True) as conn:
+        assert [r.day for r in archive_eligible(conn, settings) if r.rows] == [date(2026, 3, 30)]
+    invoicing.bill_period(database_url, march, "2026-04", now=april_now)
+    assert _invoice_lines(database_url, "2026-04") == april
 
 
 def test_meter_archive_lists_then_archives(database_url, archive_db, monkeypatch, capsys):

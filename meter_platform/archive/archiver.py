@@ -10,7 +10,9 @@ For one UTC day older than ``METER_HOT_DAYS``:
    and every active meter's totals recomputed from the files equal ``usage_day_aggregates``.
    Anything else: the file is removed and the partition stays (:class:`ArchiveMismatch`).
 3. **Swap**, in one transaction: lock the partition against writes, check it still has the rows that
-   were exported, record the part in ``archived_days``, detach and drop the partition. Readers see
+   were exported, record the part in ``archived_days`` (and per customer, its events and the newest
+   ``stored_at``, in ``archived_customer_days``, for billing's late-usage test), detach and drop the
+   partition. Readers see
    either the partition or the archived part, never neither (``meter_platform.archive.reader``).
 
 Events stored for the day later (a quarantine replay recreates its partition) make a second part the
@@ -156,6 +158,13 @@ def _swap(conn: psycopg.Connection, result: DayArchive) -> None:
                 conn.execute(
                     "INSERT INTO archived_days (day, part, path, rows, bytes, checksum) VALUES (%s, %s, %s, %s, %s, %s)",
                     (result.day, result.part, result.path, result.rows, result.bytes, result.checksum),
+                )
+                conn.execute(
+                    sql.SQL(
+                        "INSERT INTO archived_customer_days (day, part, customer_id, events, last_stored_at)"
+                        " SELECT %s, %s, customer_id, count(*), max(stored_at) FROM {} GROUP BY customer_id"
+                    ).format(sql.Identifier(name)),
+                    (result.day, result.part),
                 )
                 conn.execute(
                     sql.SQL("ALTER TABLE usage_events DETACH PARTITION {}").format(sql.Identifier(name))

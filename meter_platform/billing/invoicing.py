@@ -225,11 +225,14 @@ def _late_periods(conn: psycopg.Connection, customer: str, period: str) -> list[
     rows = conn.execute(
         "SELECT i.period FROM invoices i WHERE i.customer_id = %s AND i.status = 'final' AND i.period < %s"
         " AND EXISTS (SELECT 1 FROM usage_events e WHERE e.customer_id = i.customer_id"
-        "   AND e.ts >= i.period_start AND e.ts < i.period_end AND e.stored_at >= i.finalized_at - %s)"
+        "   AND e.ts >= i.period_start AND e.ts < i.period_end AND e.stored_at >= i.finalized_at - %s"
+        "   UNION ALL SELECT 1 FROM archived_customer_days a WHERE a.customer_id = i.customer_id"  # archived days
+        "   AND a.day >= CAST(i.period_start AT TIME ZONE 'UTC' AS date)"
+        "   AND a.day < CAST(i.period_end AT TIME ZONE 'UTC' AS date) AND a.last_stored_at >= i.finalized_at - %s)"
         " AND NOT EXISTS (SELECT 1 FROM invoices d WHERE d.customer_id = i.customer_id"
         "   AND d.status = 'draft' AND d.period > i.period AND d.period < %s)"
         " ORDER BY i.period",
-        (customer, period, IN_FLIGHT_MARGIN, period),
+        (customer, period, IN_FLIGHT_MARGIN, IN_FLIGHT_MARGIN, period),
     ).fetchall()
     return [r[0] for r in rows]
 

@@ -18,3 +18,17 @@ CREATE TABLE archived_days (
     deleted_at   timestamptz,                 -- the file was deleted by retention (METER_RETENTION_DAYS)
     PRIMARY KEY (day, part)
 );
+
+-- Per part and customer: how many events, and when the newest of them was stored. Billing asks whether
+-- a customer has usage in a final period stored after it was finalized (a late event, billed as an
+-- adjustment on the next draft); for days no longer in usage_events, this answers it exactly.
+CREATE TABLE archived_customer_days (
+    day             date        NOT NULL,
+    part            integer     NOT NULL,
+    customer_id     text        NOT NULL,
+    events          bigint      NOT NULL,
+    last_stored_at  timestamptz NOT NULL,
+    PRIMARY KEY (day, part, customer_id),
+    FOREIGN KEY (day, part) REFERENCES archived_days (day, part)
+);
+CREATE INDEX archived_customer_days_customer ON archived_customer_days (customer_id, day);
