@@ -32,7 +32,7 @@ import psycopg
 from psycopg import sql
 
 from meter_platform.archive import store
-from meter_platform.archive.settings import ArchiveSettings
+from meter_platform.archive.settings import MIN_HOT_DAYS, ArchiveSettings
 from meter_platform.archive.verify import Verification, verify_part
 from meter_platform.errors import PlatformError
 from meter_platform.storage.partitions import day_partition_name, forget_partitions, hot_days
@@ -191,6 +191,8 @@ def archive_day(
     """
     if not conn.autocommit:
         raise ValueError("archive_day needs a connection in autocommit mode (it runs its own transactions)")
+    if settings.hot_days < MIN_HOT_DAYS:  # readers skip the archive for ranges from yesterday on
+        raise ValueError(f"at least {MIN_HOT_DAYS} day(s) stay hot; got hot_days={settings.hot_days}")
     say = progress or (lambda _: None)
     started = time.monotonic()
     if day >= settings.cutoff(today):
