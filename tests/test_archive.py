@@ -425,3 +425,18 @@ def test_meter_archive_lists_then_archives(database_url, archive_db, monkeypatch
     assert f"{DAY}: archived part 1: 303 events" in out and "events written" in out
     with db.connect(database_url, autocommit=True) as conn:
         assert DAY not in hot_days(conn) and NEXT not in hot_days(conn)
+
+
+def test_an_fsspec_url_holds_the_archive(database_url, archive_db):
+    """Any fsspec filesystem works as METER_ARCHIVE_URL (s3:// with s3fs installed); here memory://."""
+    import fsspec
+
+    write(database_url, events())
+    before = answers(database_url)
+    settings = replace(archive_db, url="memory://meter-archive")
+    result = archive(database_url, settings)
+    assert result.path == f"memory://meter-archive/usage_events/day={DAY}/part-1.parquet"
+    fs = fsspec.filesystem("memory")
+    assert fs.size(result.path) == result.bytes and not fs.glob("/meter-archive/**/*.tmp-*")
+    assert answers(database_url) == before
+    fs.rm("/meter-archive", recursive=True)
