@@ -5,12 +5,16 @@ Run with ``.venv/bin/python bench/drainers.py`` on a machine with nothing else r
 starts its own stack (nats-server with fsync, PostgreSQL, the gateway with ``METER_PARTITIONS=N``, in
 a fresh temporary folder), then:
 
-1. **backlog**: sends ``--events`` events through the gateway while nothing drains, starts N drain
-   processes (``ingest_bench.py --role drain --partition p``, the pipeline's ``drain()``), and times
-   from the first event counted in ``usage_minute_aggregates`` until the last: the drainers' rate
-   on a full backlog, without the load generator and the gateway competing for the cores;
-2. **live**: with the drainers running, sends as fast as the gateway accepts for ``--live-seconds``
-   and times from the first request until every accepted event is counted (e2e ev/s).
+1. **backlog**: publishes ``--events`` events straight to the stream while nothing drains, as gateway
+   messages of ``--batch-size`` events each holding one partition's customers (the same message shape
+   for every N), starts N drain processes (``ingest_bench.py --role drain --partition p``, the
+   pipeline's ``drain()``), and times from the first event counted in ``usage_minute_aggregates``
+   until the last: the drainers' rate on a full backlog, without the load generator and the gateway
+   competing for the cores;
+2. **live**: with the drainers running, sends requests of ``--batch-size`` events through the gateway
+   (with ``METER_PARTITIONS=N``: each request split by customer, parts merged per partition by group
+   commit) as fast as it accepts them for ``--live-seconds``, and times from the first request until
+   every accepted event is counted (e2e ev/s).
 
 Then it checks that the meter counted every accepted event exactly once and that the consumers hold
 nothing (``GET /v1/ingest/status``). It prints events/s per N and the ratio to one drainer, with the
@@ -32,12 +36,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import msgspec
 import psycopg
 from clients import LoadClient, count_error
 from events import EventFactory
 from report import say
 from stack import BENCH_SCRIPT, Stack, _stop_process, cpu_seconds, machine_busy_seconds, own_cpu_seconds
 
+from meter_platform.capture import jetstream
+from meter_platform.capture.envelope import Event, GatewayBatch, encode_batch, now_us
+from meter_platform.capture.partitions import gateway_subject, partition_of
+from meter_platform.config import BATCH_HEADER
 from meter_platform.runtime.servers import spawn
 from meter_platform.storage import db
 
@@ -89,7 +98,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--live-seconds", type=float, default=15.0, help="seconds of live sending (0: skip)")
     p.add_argument("--concurrency", type=int, default=64, help="concurrent HTTP clients")
     p.add_argument("--batch-size", type=int, default=100, help="events per request")
-    p.add_argument("--drain-batch", type=int, default=500, help="messages per fetch of drain()")
+    p.add_argument(
+        "--drain-batch",
+        type=int,
+        default=100,
+        help="messages per fetch of drain() (the job's 500 would drain a backlog in a few fetches, too "
+        "coarse to time)",
+    )
     p.add_argument("--client", choices=("raw", "httpx"), default="raw", help="HTTP load generator")
     p.add_argument("--gateway-workers", type=int, default=1, help="uvicorn worker processes of the gateway")
     p.add_argument(
@@ -136,6 +151,38 @@ async def _send(
     return accepted[0], errors
 
 
+async def _load(stack: Stack, args: argparse.Namespace, n: int, factory: EventFactory) -> int:
+    """``--events`` events straight into the stream as gateway messages of ``--batch-size`` events,
+    each message one partition's: the same message shape for every N, so that the backlog stage
+    compares drainer counts alone (through the gateway, group commit makes bigger messages with N > 1)."""
+    assert stack.nats is not None
+    nc = await jetstream.connect(stack.nats.url, name="bench-load")
+    try:
+        js = nc.jetstream(publish_async_max_pending=args.concurrency)
+        parts: dict[int, list[Event]] = {}
+        loaded = 0
+
+        async def send(p: int) -> None:
+            batch = GatewayBatch(received_at=now_us(), events=parts.pop(p))
+            await js.publish_async(gateway_subject(p, n), encode_batch(batch), headers={BATCH_HEADER: "1"})
+
+        while loaded < args.events:
+            body, _ = factory.body(args.batch_size)
+            for event in msgspec.json.decode(body, type=list[Event]):
+                p = partition_of(event.customer_id, n)
+                parts.setdefault(p, []).append(event)
+                if len(parts[p]) == args.batch_size:
+                    await send(p)
+                    loaded += args.batch_size
+        for p in list(parts):
+            loaded += len(parts[p])
+            await send(p)
+        await asyncio.wait_for(js.publish_async_completed(), 120)
+    finally:
+        await nc.close()
+    return loaded
+
+
 async def _wait_counted(
     conn: psycopg.AsyncConnection, target: int, timeout: float, drains: list[subprocess.Popen]
 ) -> tuple[float | None, int, float | None]:
@@ -174,8 +221,8 @@ def _start_drains(stack: Stack, n: int, args: argparse.Namespace) -> list[subpro
 async def _round(stack: Stack, args: argparse.Namespace, n: int, factory: EventFactory) -> Round:
     assert stack.pg is not None and stack.tmp is not None
     res = Round(n)
-    loaded, res.errors = await _send(stack, args, factory, args.events, None)
-    say(f"N={n}: {loaded:,} events accepted into the backlog; starting {n} drainer(s)")
+    loaded = await _load(stack, args, n, factory)
+    say(f"N={n}: {loaded:,} events in the backlog (messages of {args.batch_size}); starting {n} drainer(s)")
     drains = _start_drains(stack, n, args)
     try:
         async with await psycopg.AsyncConnection.connect(db.libpq_url(stack.pg.url), autocommit=True) as conn:

@@ -71,6 +71,10 @@ class Gateway:
         self.group: GroupCommitter | None = None
         #: Parts of at most this many events go through group commit.
         self._group_limit = settings.group_commit_max_request_events
+        #: Per partition: publish one message on its subject and await its ack.
+        self._publishers = [
+            self._publisher(gateway_subject(p, self.partitions)) for p in range(self.partitions)
+        ]
 
     async def start(self) -> None:
         """Connect to NATS (making sure the stream exists) and create the database pool."""
@@ -84,7 +88,7 @@ class Gateway:
         if self.settings.group_commit_in_flight > 0:
             self.groups = [
                 GroupCommitter(
-                    self._publisher(gateway_subject(p, self.partitions)),
+                    self._publishers[p],
                     max_bytes=self.nc.max_payload - 4096,
                     max_in_flight=self.settings.group_commit_in_flight,
                 )
@@ -179,7 +183,7 @@ class Gateway:
         if self.groups and len(events) <= self._group_limit:
             await self.groups[partition].submit(events, received_us)
             return
-        publish = self._publisher(gateway_subject(partition, self.partitions))
+        publish = self._publishers[partition]
         await asyncio.gather(*(publish(p) for p in self._chunks(events, received_us)))
 
     def _publisher(self, subject: str) -> Callable[[bytes], Awaitable[None]]:
