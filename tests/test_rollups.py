@@ -21,7 +21,7 @@ from meter_platform.capture.messages import Message
 from meter_platform.config import BATCH_HEADER, GATEWAY_SUBJECT
 from meter_platform.ingestion.quarantine_replay import replay_quarantine
 from meter_platform.ingestion.writer import MicroBatchWriter
-from meter_platform.meters.aggregates import MeterChange, psycopg_bind
+from meter_platform.meters.aggregates import MeterChange, aggregate_upsert_sql, psycopg_bind
 from meter_platform.meters.rebuild import replay_meter, sync_meters
 from meter_platform.meters.rollups import ROLLUPS, rollup_mismatches_sql
 from meter_platform.meters.usage import UsageQuery, usage_sql
@@ -309,3 +309,64 @@ def test_the_migration_backfills_rollups_from_existing_minutes(database_url, mon
         (h, "a", 4, Decimal("2.25")),
         (h, "b", 4, Decimal("-7")),
     ]
+
+
+def test_rows_of_open_periods_are_rewritten_on_their_own_page(fresh):
+    """Every batch rewrites the rows of the open hour and day. Migration 0012 leaves room on their
+    pages, so a new version stays on its row's page (a HOT update: no new index entry, the old version
+    pruned in place) instead of moving; with full pages most rows would move on their first update."""
+    meter = CATALOG.meter("amount_sum")
+    assert meter is not None
+    sql, params = aggregate_upsert_sql(meter, "new_events")
+    customers = [f"c{i:03d}" for i in range(600)]
+    rng = random.Random(5)
+    with db.connect(fresh) as conn:
+        fillfactors = dict(
+            conn.execute(
+                "SELECT relname::text, reloptions::text FROM pg_class WHERE relname = ANY(%s)",
+                (["usage_minute_aggregates", *(table for table, _, _ in ROLLUPS.values())],),
+            ).fetchall()
+        )
+        assert fillfactors == {
+            "usage_minute_aggregates": "{fillfactor=80}",
+            "usage_hour_aggregates": "{fillfactor=50}",
+            "usage_day_aggregates": "{fillfactor=50}",
+        }
+        conn.execute(
+            "CREATE TEMP TABLE new_events (id text, event_type text, customer_id text, ts timestamptz,"
+            " properties jsonb, stream_seq bigint) ON COMMIT DELETE ROWS"
+        )
+
+        def batch(who: list[str], n: int) -> None:
+            with conn.cursor().copy("COPY new_events FROM STDIN") as copy:
+                for i, customer in enumerate(who):
+                    props = json.dumps({"region": "eu", "amount": 1})
+                    copy.write_row((f"{n}-{i}", "request", customer, BASE + timedelta(minutes=5), props, n))
+            conn.execute(sql, params)
+            conn.commit()
+
+        def pages() -> dict[tuple[str, str], int]:
+            return {
+                (table, customer): page
+                for table, _, _ in ROLLUPS.values()
+                for customer, page in conn.execute(
+                    f"SELECT customer_id, (ctid::text::point)[0]::int FROM {table} WHERE meter_slug = %s",
+                    (meter.slug,),
+                ).fetchall()
+            }
+
+        batch(customers, 0)
+        first = pages()
+        sent = len(customers)
+        for n in range(1, 7):
+            half = rng.sample(customers, len(customers) // 2)
+            batch(half, n)
+            sent += len(half)
+        moved = sum(1 for key, page in pages().items() if first[key] != page)
+        assert len(first) == 2 * len(customers) and moved <= len(first) // 20
+        for table, _, _ in ROLLUPS.values():
+            assert conn.execute(f"SELECT sum(event_count), sum(value_sum) FROM {table}").fetchone() == (
+                sent,
+                Decimal(sent),
+            )
+        assert _mismatches(conn) == (2 * len(customers), 0)
