@@ -134,8 +134,12 @@ def ensure_day_partitions(conn: psycopg.Connection, days: Iterable[date]) -> lis
     """
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         raise RuntimeError("ensure_day_partitions must run outside a transaction")
+    wanted = set(days)
+    known = _known.get(_key(conn))
+    if known is not None and wanted <= known:
+        return []  # the common case, every batch: no round trip
     with conn.transaction():  # or psycopg would leave the read's transaction open (autocommit off)
-        todo = missing_days(conn, days)
+        todo = missing_days(conn, wanted)
     created = []
     for day in sorted(todo):
         if _create(conn, day):
