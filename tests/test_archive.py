@@ -91,6 +91,7 @@ def events() -> list[Event]:
     out.append(ev("edge-start", "c0", at(DAY, 0, 0, 45), region="eu", amount=1000, user="edge"))
     out.append(ev("edge-end", "c1", at(DAY, 23, 59, 20), region="us", tier="pro", amount=7, user="late"))
     out.append(ev("after-end", "c1", at(DAY, 23, 59, 59, 900_000), region="us", amount=3, user="after"))
+    out.append(ev("tricky", "c0", at(DAY, 12, 0, 0, 7), region="eu", note='a,"b"\nc \\ ü €', n=1.0e-7))
     for i in range(50):
         ts = at(NEXT, 1) + timedelta(minutes=13 * i, microseconds=7)
         out.append(ev(f"n{i}", f"c{i % 2}", ts, region="eu", tier="free", amount=i, user=f"u{i % 5}"))
@@ -151,17 +152,20 @@ def test_answers_are_the_same_after_archiving_the_day(database_url, archive_db):
     # Edge minutes and unique counts really do read the archived day (not only the aggregates).
     assert usage(db.connect(database_url), "amount_sum", *RANGES[0], None, "c0")[0][3] > 1000
     with db.connect(database_url, autocommit=True) as conn:
-        lookup = conn.execute("SELECT * FROM usage_events WHERE id = 'edge-end'").fetchone()
+        lookups = {
+            i: conn.execute("SELECT * FROM usage_events WHERE id = %s", (i,)).fetchone()
+            for i in ("edge-end", "tricky")
+        }
         assert DAY in eligible_days(conn, archive_db) and NEXT in eligible_days(conn, archive_db)
         assert TODAY - timedelta(days=39) not in eligible_days(conn, archive_db, today=TODAY)
 
     result = archive(database_url, archive_db)
 
-    assert result.status == "archived" and result.part == 1 and result.rows == 303
+    assert result.status == "archived" and result.part == 1 and result.rows == 304
     path = Path(store.part_path(archive_db.url, DAY, 1))
     assert result.path == str(path) and path.exists() and path.stat().st_size == result.bytes
     meta = pq.ParquetFile(path).metadata
-    assert meta.num_rows == 303 and meta.row_group(0).column(0).compression == "ZSTD"
+    assert meta.num_rows == 304 and meta.row_group(0).column(0).compression == "ZSTD"
     assert result.compression_ratio and result.compression_ratio > 1
     assert (
         result.verification
@@ -175,13 +179,14 @@ def test_answers_are_the_same_after_archiving_the_day(database_url, archive_db):
         assert DAY not in hot_days(conn) and NEXT in hot_days(conn)
         assert conn.execute("SELECT to_regclass(%s)", (day_partition_name(DAY),)).fetchone() == (None,)
         assert conn.execute("SELECT count(*) FROM usage_events WHERE ts < %s", (at(NEXT),)).fetchone() == (0,)
-        assert conn.execute("SELECT day, part, rows FROM archived_days").fetchall() == [(DAY, 1, 303)]
-        assert conn.execute("SELECT count(*) FROM event_ids").fetchone() == (353,)  # dedup keeps every id
+        assert conn.execute("SELECT day, part, rows FROM archived_days").fetchall() == [(DAY, 1, 304)]
+        assert conn.execute("SELECT count(*) FROM event_ids").fetchone() == (354,)  # dedup keeps every id
 
     assert answers(database_url) == before
     with db.connect(database_url, autocommit=True) as conn:
-        row = reader.find_event(conn, "edge-end")
-        assert row is not None and tuple(row.values()) == tuple(lookup)
+        for event_id, stored in lookups.items():  # every column as PostgreSQL had it
+            row = reader.find_event(conn, event_id)
+            assert row is not None and tuple(row.values()) == tuple(stored)
         assert reader.find_event(conn, "n1") is None  # hot: the caller reads usage_events
         assert reader.find_event(conn, "never-sent") is None
     # A resend of an archived event is a duplicate: nothing changes.
@@ -205,7 +210,7 @@ def test_a_rebuild_reads_the_archived_days(database_url, archive_db):
             (change,) = requested_changes(CATALOG, conn, [slug], rebuild=True)
             report = replay_meter(conn, change)
             assert report.customers and not report.changed_customers, slug
-            assert report.events == (353 if slug == "amount_sum" else report.events)
+            assert report.events == (354 if slug == "amount_sum" else report.events)
         after = conn.execute(MINUTES).fetchall()
     assert after == aggregates
 
@@ -230,7 +235,7 @@ def test_a_file_that_does_not_match_leaves_the_partition(database_url, archive_d
         assert DAY in hot_days(conn)
         assert conn.execute("SELECT count(*) FROM archived_days").fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM usage_events WHERE ts < %s", (at(NEXT),)).fetchone() == (
-            303,
+            304,
         )
     assert not Path(store.part_path(archive_db.url, DAY, 1)).exists()
 
@@ -263,14 +268,14 @@ def test_retention_deletes_old_files_and_audits(database_url, archive_db):
     with db.connect(database_url, autocommit=True) as conn:
         assert apply_retention(conn, replace(archive_db, retention_days=61)) == []  # not old enough yet
         deleted = apply_retention(conn, settings, actor="tests")
-        assert [(d.day, d.part, d.rows) for d in deleted] == [(DAY, 1, 303)]
+        assert [(d.day, d.part, d.rows) for d in deleted] == [(DAY, 1, 304)]
         assert not Path(result.path or "").exists()
         assert conn.execute("SELECT deleted_at IS NOT NULL FROM archived_days").fetchone() == (True,)
         entry = list_audit(conn)[0]
-        assert (entry["actor"], entry["action"], entry["details"]["rows"]) == ("tests", "archive.delete", 303)
+        assert (entry["actor"], entry["action"], entry["details"]["rows"]) == ("tests", "archive.delete", 304)
         assert apply_retention(conn, settings) == []  # done once
         # Sums still come from the aggregates; the raw events of the day are gone.
-        assert sum(r[3] for r in usage(conn, "requests", at(DAY), at(NEXT), None)) == 303
+        assert sum(r[3] for r in usage(conn, "requests", at(DAY), at(NEXT), None)) == 304
         assert reader.find_event(conn, "edge-end") is None
 
 
@@ -282,14 +287,14 @@ def test_events_stored_after_archiving_make_a_second_part(database_url, archive_
     before = answers(database_url)
     with db.connect(database_url, autocommit=True) as conn:
         assert DAY in hot_days(conn)
-        assert sum(r[3] for r in usage(conn, "requests", at(DAY), at(NEXT), None)) == 304
+        assert sum(r[3] for r in usage(conn, "requests", at(DAY), at(NEXT), None)) == 305
     result = archive(database_url, archive_db)
     assert (result.status, result.part, result.rows) == ("archived", 2, 1)
-    assert result.verification is not None and result.verification.ledger_rows == 304
+    assert result.verification is not None and result.verification.ledger_rows == 305
     assert answers(database_url) == before
     with db.connect(database_url, autocommit=True) as conn:
         assert conn.execute("SELECT part, rows FROM archived_days ORDER BY part").fetchall() == [
-            (1, 303),
+            (1, 304),
             (2, 1),
         ]
         found = reader.find_event(conn, "late-1")
@@ -304,7 +309,7 @@ def test_archive_eligible_archives_every_old_day(database_url, archive_db):
         results = archive_eligible(conn, archive_db, lines.append)
         assert {r.day for r in results if r.status == "archived"} >= {DAY, NEXT}
         assert not [d for d in hot_days(conn) if d < archive_db.cutoff()]
-    assert any(line.startswith(f"{DAY}: archived part 1: 303 events") for line in lines)
+    assert any(line.startswith(f"{DAY}: archived part 1: 304 events") for line in lines)
 
 
 def test_the_dagster_asset_archives_its_day_and_checks_it(database_url, archive_db, monkeypatch):
@@ -327,7 +332,7 @@ def test_the_dagster_asset_archives_its_day_and_checks_it(database_url, archive_
                              instance=instance)  # fmt: skip
         assert result.success
         (mat,) = result.asset_materializations_for_node("usage_events_archive")
-        assert mat.metadata["rows"].value == 303 and mat.metadata["compression_ratio"].value > 1
+        assert mat.metadata["rows"].value == 304 and mat.metadata["compression_ratio"].value > 1
         checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
         assert checks == {"archive_matches_postgres": True, "archive_files_readable": True}
         # A day still hot is not archived, and the run says so without materializing anything.
@@ -426,12 +431,12 @@ def test_meter_archive_lists_then_archives(database_url, archive_db, monkeypatch
     write(database_url, events())
     assert main(["archive", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert f"{DAY}  303" in out and f"{NEXT}  50" in out
+    assert f"{DAY}  304" in out and f"{NEXT}  50" in out
     with db.connect(database_url, autocommit=True) as conn:
         assert DAY in hot_days(conn)
     assert main(["archive"]) == 0
     out = capsys.readouterr().out
-    assert f"{DAY}: archived part 1: 303 events" in out and "events written" in out
+    assert f"{DAY}: archived part 1: 304 events" in out and "events written" in out
     with db.connect(database_url, autocommit=True) as conn:
         assert DAY not in hot_days(conn) and NEXT not in hot_days(conn)
 

@@ -13,6 +13,7 @@ pyarrow and fsspec are imported inside the functions: nothing on the ingest path
 from __future__ import annotations
 
 import hashlib
+import io
 import uuid
 from collections.abc import Iterator
 from datetime import date
@@ -35,6 +36,8 @@ COLUMNS = (
 )
 COMPRESSION = "zstd"
 ROW_GROUP_ROWS = 100_000
+#: Bytes of CSV per record batch on export (each batch becomes at least one row group).
+CSV_BLOCK = 32 << 20
 
 
 def schema() -> pa.Schema:
@@ -95,16 +98,12 @@ class PartWriter:
         )
         self.rows = 0
 
-    def write(self, rows: list[tuple]) -> None:
-        """Append rows (tuples in :data:`COLUMNS` order) as one record batch."""
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        """Append a record batch with the columns of :data:`COLUMNS` (from :func:`csv_batches`)."""
         import pyarrow as pa
 
-        columns = list(zip(*rows, strict=True)) if rows else [() for _ in COLUMNS]
-        batch = pa.RecordBatch.from_arrays(
-            [pa.array(col, type=f.type) for col, f in zip(columns, schema(), strict=True)], schema=schema()
-        )
-        self._writer.write_batch(batch, row_group_size=ROW_GROUP_ROWS)
-        self.rows += len(rows)
+        self._writer.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=schema()))
+        self.rows += batch.num_rows
 
     def commit(self) -> int:
         """Close the file and move it to its final name; return its size in bytes."""
@@ -121,6 +120,47 @@ class PartWriter:
         finally:
             if self.fs.exists(self.tmp):
                 self.fs.rm(self.tmp)
+
+
+class _CopyReader(io.RawIOBase):
+    """A readable file over a psycopg ``COPY ... TO STDOUT`` (which hands out a row at a time)."""
+
+    def __init__(self, copy: Any):
+        self._copy = copy
+        self._buf = bytearray()
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while len(self._buf) < len(b) and not self._done:
+            chunk = self._copy.read()
+            if chunk:
+                self._buf += chunk
+            else:
+                self._done = True
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        del self._buf[:n]
+        return n
+
+
+def csv_batches(copy: Any) -> Iterator[pa.RecordBatch]:
+    """Record batches (about :data:`CSV_BLOCK` of CSV each) of a ``COPY (...) TO STDOUT (FORMAT csv)`` of
+    the columns :data:`COLUMNS`, typed as :func:`schema` says; memory is bounded by a block."""
+    import pyarrow.csv as pcsv
+
+    types = {f.name: f.type for f in schema()}
+    reader = pcsv.open_csv(
+        io.BufferedReader(_CopyReader(copy), buffer_size=1 << 20),
+        read_options=pcsv.ReadOptions(column_names=list(COLUMNS), block_size=CSV_BLOCK),
+        parse_options=pcsv.ParseOptions(newlines_in_values=True),
+        convert_options=pcsv.ConvertOptions(
+            column_types=types, strings_can_be_null=False, quoted_strings_can_be_null=False
+        ),
+    )
+    yield from reader
 
 
 def batches(path: str, columns: list[str] | None = None, filters: Any = None) -> Iterator[pa.RecordBatch]:
