@@ -3,7 +3,7 @@
 For one UTC day older than ``METER_HOT_DAYS``:
 
 1. **Export**, in one repeatable-read transaction: the partition's row count and checksum, and its
-   rows through a server-side cursor in chunks (memory bounded by a chunk), sorted by event type,
+   rows as a COPY stream read into Arrow in blocks (memory bounded by a block), sorted by event type,
    customer and time, into ``part-<n>.parquet`` (zstd) under a temporary name, renamed when complete.
 2. **Verify** the file as written (:mod:`meter_platform.archive.verify`): rows and checksum read back
    by DuckDB equal the partition's, the day's ids in ``event_ids`` equal the rows of all its parts,
