@@ -86,18 +86,17 @@ def load(database_url: str, args: argparse.Namespace, start: datetime, end: date
         conn.execute("ANALYZE event_ids")
         for table in AGGREGATE_TABLES:
             conn.execute(f"ANALYZE {table}")
+        # A partitioned table's own size is 0: sum its partitions (pg_partition_tree has no rows for a
+        # table that is not partitioned).
+        tables = ("usage_events", "event_ids", *AGGREGATE_TABLES)
         sizes = [
             conn.execute(
-                f"SELECT count(*), pg_size_pretty(pg_total_relation_size('{table}')) FROM {table}"
+                f"SELECT count(*), pg_size_pretty(coalesce((SELECT sum(pg_total_relation_size(relid))"
+                f" FROM pg_partition_tree('{table}')), pg_total_relation_size('{table}'))) FROM {table}"
             ).fetchone()
-            for table in ("usage_events", *AGGREGATE_TABLES)
+            for table in tables
         ]
-    say(
-        "; ".join(
-            f"{table} {n:,} rows {size}"
-            for table, (n, size) in zip(("usage_events", *AGGREGATE_TABLES), sizes, strict=True)
-        )
-    )
+    say("; ".join(f"{table} {n:,} rows {size}" for table, (n, size) in zip(tables, sizes, strict=True)))
     return time.perf_counter() - began
 
 
