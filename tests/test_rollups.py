@@ -328,9 +328,9 @@ def test_rows_of_open_periods_are_rewritten_on_their_own_page(fresh):
             ).fetchall()
         )
         assert fillfactors == {
-            "usage_minute_aggregates": "{fillfactor=80}",
-            "usage_hour_aggregates": "{fillfactor=50}",
-            "usage_day_aggregates": "{fillfactor=50}",
+            "usage_minute_aggregates": "{fillfactor=90}",
+            "usage_hour_aggregates": "{fillfactor=70}",
+            "usage_day_aggregates": "{fillfactor=70}",
         }
         conn.execute(
             "CREATE TEMP TABLE new_events (id text, event_type text, customer_id text, ts timestamptz,"
@@ -358,10 +358,10 @@ def test_rows_of_open_periods_are_rewritten_on_their_own_page(fresh):
         batch(customers, 0)
         first = pages()
         sent = len(customers)
-        for n in range(1, 7):
-            half = rng.sample(customers, len(customers) // 2)
-            batch(half, n)
-            sent += len(half)
+        for n in range(1, 9):  # a quarter of the rows again per batch
+            some = rng.sample(customers, len(customers) // 4)
+            batch(some, n)
+            sent += len(some)
         moved = sum(1 for key, page in pages().items() if first[key] != page)
         assert len(first) == 2 * len(customers) and moved <= len(first) // 20
         for table, _, _ in ROLLUPS.values():
