@@ -5,6 +5,12 @@ exactly the sums of their minutes. They are written by the same statement that u
 (:func:`upsert_all_levels_sql`), from the same rows, so the ingestion writer (newly stored rows only),
 quarantine replays and meter rebuilds keep all three levels equal in one transaction.
 
+Each batch rewrites the rows of the open minute, hour and day, so most of the statement's cost is the
+conflict check (an index descent per row and level) and the update. Migration 0012 leaves room on the
+three tables' pages so these updates stay on their page (HOT: no new index entries for the next check
+to walk past). One statement per event type instead of per meter, grouping by the dims' text instead
+of the jsonb, and UPDATE-then-INSERT instead of ``ON CONFLICT`` were measured too: none was cheaper.
+
 A usage query reads the coarsest rows that fit (:func:`level_ctes_sql`): a UTC day only when it lies
 inside the range's whole-minute part and inside one answer window, else its UTC hours under the same
 rule, else its minutes. Every minute of the range is read from exactly one level.
