@@ -12,7 +12,7 @@ Europe/Berlin day lasts 23, 24 or 25 hours).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -125,7 +125,18 @@ def usage_sql(
     group_select = ", ".join(f"{c} AS g{i}" for i, c in enumerate(group_cols))
     group_refs = ", ".join(f"g{i}" for i in range(len(group_cols)))
 
-    source, value = _source_sql(meter, dims_sql, value_sql, where, customer_filter, slug, events)
+    # The raw ranges again with plain parameters (each a superset of its range), so the planner prunes
+    # the day partitions of usage_events as it plans: values from the bounds CTE prune only at run time,
+    # after every partition was planned (20-30 ms for 40 days).
+    low, low_edge = "", ""
+    if q.start is not None:
+        params["edge_start"] = q.start + timedelta(minutes=1)
+        low = f" AND ts >= CAST({bind('start')} AS timestamptz)"
+        low_edge = f"{low} AND ts < CAST({bind('edge_start')} AS timestamptz)"
+    params["edge_end"] = q.end - timedelta(minutes=1)
+    high_edge = f" AND ts >= CAST({bind('edge_end')} AS timestamptz) AND ts < {end}"
+    prune = (f"{low} AND ts < {end}", low_edge, high_edge)
+    source, value = _source_sql(meter, dims_sql, value_sql, where, customer_filter, slug, events, prune)
     levels = "" if meter.aggregation in ("unique_count", "latest") else level_ctes_sql(q.window, tz) + ","
     sql = f"""
         WITH bounds AS (
@@ -167,15 +178,23 @@ def _bucket_sql(window: str | None, tz: str) -> tuple[str, str]:
 
 
 def _source_sql(
-    meter: Meter, dims_sql: str, value_sql: str, where: str, customer_filter: str, slug: str, events: str
+    meter: Meter,
+    dims_sql: str,
+    value_sql: str,
+    where: str,
+    customer_filter: str,
+    slug: str,
+    events: str,
+    prune: tuple[str, str, str] = ("", "", ""),
 ) -> tuple[str, str]:
-    """The ``src`` subquery of the meter's rows within ``bounds``, and the aggregate of its value."""
+    """The ``src`` subquery of the meter's rows within ``bounds``, and the aggregate of its value.
+    ``prune``: extra conditions on ts for the whole range, the low edge and the high edge."""
     if meter.aggregation in ("unique_count", "latest"):
         # Exact over any range: straight from the raw events (distinct values do not compose).
         source = f"""
             SELECT ts AS t, ts, id, customer_id, {dims_sql} AS dims, {value_sql} AS v
             FROM {events}, bounds b
-            WHERE {where} {customer_filter} AND ts >= b.range_start AND ts < b.range_end"""
+            WHERE {where} {customer_filter} AND ts >= b.range_start AND ts < b.range_end{prune[0]}"""
         if meter.aggregation == "unique_count":
             value = "count(DISTINCT v)"
         else:
@@ -189,11 +208,11 @@ def _source_sql(
             UNION ALL
             SELECT ts, customer_id, dims, 1, CASE WHEN v IS NULL THEN 0 ELSE 1 END, v, v, v
             FROM (SELECT ts, customer_id, {dims_sql} AS dims, {value_sql} AS v FROM {events}, bounds b
-                  WHERE {where} {customer_filter} AND ts >= b.range_start AND ts < b.inner_start
+                  WHERE {where} {customer_filter} AND ts >= b.range_start AND ts < b.inner_start{prune[1]}
                   UNION ALL
                   SELECT ts, customer_id, {dims_sql} AS dims, {value_sql} AS v FROM {events}, bounds b
                   WHERE {where} {customer_filter}
-                    AND ts >= greatest(b.inner_end, b.inner_start) AND ts < b.range_end) edge"""
+                    AND ts >= greatest(b.inner_end, b.inner_start) AND ts < b.range_end{prune[2]}) edge"""
         value = AGGREGATE_VALUES[meter.aggregation]
     return source, value
 
