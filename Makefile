@@ -41,11 +41,15 @@ check: install
 	$(BIN)/mypy meter_platform ingest_gateway
 	$(BIN)/python -m pytest
 
-# Capture and end to end (ingest_bench.py), freshness after a quiet spell on the whole platform
-# (quiet.py), and usage queries at volume (query.py; BENCH_QUERY_EVENTS=20000000 for the issue's 20M).
+# Capture and end to end (ingest_bench.py), capture against the number of gateway processes
+# (gateways.py), end to end against the number of drainers (drainers.py), freshness after a quiet spell
+# on the whole platform (quiet.py), and usage queries at volume (query.py; BENCH_QUERY_EVENTS=20000000
+# for the issue's 20M).
 BENCH_QUERY_EVENTS ?= 2000000
 bench: install
 	$(BIN)/python bench/ingest_bench.py
+	$(BIN)/python bench/gateways.py --runs 1
+	$(BIN)/python bench/drainers.py --drainers 1,2,4
 	$(BIN)/python bench/quiet.py
 	$(BIN)/python bench/query.py --events $(BENCH_QUERY_EVENTS)
 
