@@ -60,7 +60,7 @@ def _http_server(port: int, log: Path, gate: Path | None = None) -> Server:
     return Server("http", proc, f"http://127.0.0.1:{port}", log)
 
 
-def _poll_until(supervisor: Supervisor, condition, timeout: float = 15) -> None:
+def _poll_until(supervisor: Supervisor, condition, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
