@@ -14,7 +14,6 @@ Direct JetStream publishes of the same shapes are measured once, as the referenc
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import signal
@@ -27,7 +26,7 @@ from capture import Result, capture_direct, capture_gateway
 from events import EventFactory
 from ingest_bench import parse_args as bench_args
 from report import say
-from stack import Stack, _stop_process, purge_stream
+from stack import Stack, _stop_process, purge_stream, run_async
 
 from meter_platform.runtime.launch import gateway_command, gateway_env, installed_servers
 from meter_platform.runtime.servers import free_port, spawn
@@ -166,19 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack(stack_args)
     try:
         stack.start()
-        try:
-            import uvloop
-
-            uvloop.run(run_all(stack, args))
-        except ImportError:  # pragma: no cover
-            asyncio.run(run_all(stack, args))
+        run_async(run_all(stack, args))
     except KeyboardInterrupt:
         say("interrupted; stopping everything")
         return 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         stack.stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     return 0
 
 

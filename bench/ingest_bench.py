@@ -26,7 +26,6 @@ drain``) and ``report.py`` (what is printed).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import sys
@@ -40,7 +39,7 @@ from drain_child import drain_child
 from e2e import E2EResult, run_e2e
 from events import EventFactory
 from report import machine_facts, print_capture, print_e2e, say
-from stack import Stack
+from stack import Stack, run_async
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,14 +92,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _run(coro: Any) -> Any:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.role == "drain":
@@ -120,16 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         stack.start()
         facts = machine_facts(stack)
         if args.only in (None, "capture"):
-            capture = _run(run_capture(stack, args, factory))
+            capture = run_async(run_capture(stack, args, factory))
         if args.only in (None, "e2e"):
-            stages, checks = _run(run_e2e(stack, args, factory))
+            stages, checks = run_async(run_e2e(stack, args, factory))
     except KeyboardInterrupt:
         say("interrupted; stopping everything")
         return 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         stack.stop()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     print()
     print("MACHINE")
     for line in facts:

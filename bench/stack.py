@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from report import say
@@ -186,15 +187,31 @@ class Stack:
         return out
 
     def stop(self) -> None:
-        """Stop every process started (drain, gateway, then the servers) and delete the temp dir."""
-        _stop_process(self.drain)
-        _stop_process(self.gateway)
-        for server in (self.pg, self.nats):
-            if server is not None:
-                with contextlib.suppress(Exception):
-                    server.stop()
-        if self.tmp is not None and not self.args.keep:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        """Stop every process started (drain, gateway, then the servers) and delete the temp dir.
+
+        A second Ctrl-C meanwhile is ignored, so the stop is never cut short and leaves nothing behind.
+        """
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            _stop_process(self.drain)
+            _stop_process(self.gateway)
+            for server in (self.pg, self.nats):
+                if server is not None:
+                    with contextlib.suppress(Exception):
+                        server.stop()
+            if self.tmp is not None and not self.args.keep:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def run_async(coro: Any) -> Any:
+    """Run a bench's coroutine on uvloop when it is installed, else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def _make_api_key(database_url: str) -> str:
