@@ -82,30 +82,49 @@ def _fits(window: str | None, start: str, length: str, tz: str) -> str:
     )
 
 
-def level_ctes_sql(window: str | None, tz: str) -> str:
+def _extent_sql(slug: str, agg: str) -> str:
+    """SQL: ``agg`` (min or max) of the meter's row starts over every level: one index probe each."""
+    tables = [("usage_minute_aggregates", "minute"), *((t, c) for t, c, _ in ROLLUPS.values())]
+    probes = ", ".join(f"(SELECT {agg}({c}) FROM {t} WHERE meter_slug = {slug})" for t, c in tables)
+    return f"{'least' if agg == 'min' else 'greatest'}({probes})"
+
+
+def level_ctes_sql(window: str | None, tz: str, slug: str) -> str:
     """CTEs (after a ``bounds`` CTE with ``inner_start``/``inner_end``, the whole-minute part) naming
     what each level answers: ``days`` (d), ``hours`` (h) and ``minute_spans`` [lo, hi).
 
     A day is used when it lies in the whole-minute part and in one window; an hour when it does and its
     day is not used; minutes are read for every UTC hour overlapping the part that neither covers.
+
+    The series run only over ``span``: the whole-minute part cut to the UTC days that hold any row of
+    the meter (at any level), so a range from the year 99 costs what the data's own days cost, not
+    millions of generated hours (no rows: an empty span). Every row lies inside those days, and their bounds are day-aligned, so
+    each minute with data is still read from exactly one level.
     """
     day_len, hour_len = ROLLUPS["day"][2], ROLLUPS["hour"][2]
     return f"""
-        days AS (
-            SELECT d FROM bounds b, generate_series(
-                date_trunc('day', b.inner_start + {day_len} - interval '1 microsecond', 'UTC'),
-                b.inner_end - {day_len}, {day_len}) d
+        span AS (
+            SELECT s AS lo, greatest(least(b.inner_end, e), s) AS hi
+            FROM bounds b, LATERAL (SELECT
+                greatest(b.inner_start, coalesce(date_trunc('day', {_extent_sql(slug, "min")}, 'UTC'),
+                                                 b.inner_end)) AS s,
+                coalesce(date_trunc('day', {_extent_sql(slug, "max")}, 'UTC') + {day_len}, b.inner_start) AS e
+            ) x
+        ), days AS (
+            SELECT d FROM span b, generate_series(
+                date_trunc('day', b.lo + {day_len} - interval '1 microsecond', 'UTC'),
+                b.hi - {day_len}, {day_len}) d
             WHERE {_fits(window, "d", day_len, tz)}
         ), hours AS (
-            SELECT h FROM bounds b, generate_series(
-                date_trunc('hour', b.inner_start + {hour_len} - interval '1 microsecond', 'UTC'),
-                b.inner_end - {hour_len}, {hour_len}) h
+            SELECT h FROM span b, generate_series(
+                date_trunc('hour', b.lo + {hour_len} - interval '1 microsecond', 'UTC'),
+                b.hi - {hour_len}, {hour_len}) h
             WHERE {_fits(window, "h", hour_len, tz)}
               AND NOT EXISTS (SELECT 1 FROM days WHERE d = date_trunc('day', h, 'UTC'))
         ), minute_spans AS (
-            SELECT greatest(x, b.inner_start) AS lo, least(x + {hour_len}, b.inner_end) AS hi
-            FROM bounds b, generate_series(date_trunc('hour', b.inner_start, 'UTC'), b.inner_end, {hour_len}) x
-            WHERE x < b.inner_end
+            SELECT greatest(x, b.lo) AS lo, least(x + {hour_len}, b.hi) AS hi
+            FROM span b, generate_series(date_trunc('hour', b.lo, 'UTC'), b.hi, {hour_len}) x
+            WHERE x < b.hi
               AND NOT EXISTS (SELECT 1 FROM days WHERE d = date_trunc('day', x, 'UTC'))
               AND NOT EXISTS (SELECT 1 FROM hours WHERE h = x)
         )"""

@@ -137,7 +137,9 @@ def usage_sql(
     high_edge = f" AND ts >= CAST({bind('edge_end')} AS timestamptz) AND ts < {end}"
     prune = (f"{low} AND ts < {end}", low_edge, high_edge)
     source, value = _source_sql(meter, dims_sql, value_sql, where, customer_filter, slug, events, prune)
-    levels = "" if meter.aggregation in ("unique_count", "latest") else level_ctes_sql(q.window, tz) + ","
+    levels = (
+        "" if meter.aggregation in ("unique_count", "latest") else level_ctes_sql(q.window, tz, slug) + ","
+    )
     sql = f"""
         WITH bounds AS (
             SELECT s AS range_start, e AS range_end,
