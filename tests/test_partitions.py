@@ -534,3 +534,31 @@ def test_a_part_too_big_for_one_message_is_published_in_halves():
     ids = [e.id for p in published for e in decode_batch(p).events]
     assert sorted(ids) == sorted(f"h{i}" for i in range(9)) and len(published) > 1
     assert all(len(p) <= 400 for p in published)
+
+
+@pytest.mark.parametrize(("partitions", "override", "limit"), [(1, None, 6), (4, None, 12), (4, "20", 20)])
+def test_the_dagster_instance_of_meter_up_allows_two_ingest_runs_per_partition(
+    pg_server, monkeypatch, partitions, override, limit
+):
+    """dagster_home/dagster.yaml, loaded as the daemon loads it with the environment `meter up` gives
+    it: the overall run limit grows with the partitions, so every partition's runs can be dequeued."""
+    from dagster import DagsterInstance
+    from dagster._core.run_coordinator import QueuedRunCoordinator
+
+    from meter_platform.runtime.up import dagster_home, max_concurrent_runs
+    from meter_platform.storage import db
+
+    monkeypatch.setenv("METER_PARTITIONS", str(partitions))
+    if override is None:
+        monkeypatch.delenv("METER_MAX_CONCURRENT_RUNS", raising=False)
+    else:
+        monkeypatch.setenv("METER_MAX_CONCURRENT_RUNS", override)
+    dagster_url = db.with_database(pg_server.url, "dagster_limits")
+    db.ensure_database(dagster_url)
+    monkeypatch.setenv("METER_DAGSTER_DATABASE_URL", dagster_url)
+    monkeypatch.setenv("METER_MAX_CONCURRENT_RUNS", max_concurrent_runs())
+    with DagsterInstance.from_config(str(dagster_home())) as instance:
+        coordinator = instance.run_coordinator
+        assert isinstance(coordinator, QueuedRunCoordinator)
+        queue = coordinator.get_run_queue_config()
+        assert queue.max_concurrent_runs == limit

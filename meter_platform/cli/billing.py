@@ -14,10 +14,11 @@ from meter_platform.config import load_billing_settings, load_settings
 
 def _platform_env(db_url: str) -> None:
     """Point this process at the running platform's Dagster instance and catalog, as its runs see them."""
-    from meter_platform.runtime.up import dagster_database_url, dagster_home
+    from meter_platform.runtime.up import dagster_database_url, dagster_home, max_concurrent_runs
 
     os.environ.setdefault("METER_DATABASE_URL", db_url)
     os.environ.setdefault("METER_DAGSTER_DATABASE_URL", dagster_database_url(db_url))
+    os.environ.setdefault("METER_MAX_CONCURRENT_RUNS", max_concurrent_runs())
     os.environ.setdefault("METER_CATALOG_DIR", str(load_settings().catalog_dir.resolve()))
     os.environ.setdefault("DAGSTER_HOME", str(dagster_home()))
 

@@ -28,7 +28,14 @@ from nats.js.errors import APIError
 from meter_platform.access.keys import KEY_FILE, ensure_key_file
 from meter_platform.capture import jetstream
 from meter_platform.catalog import Catalog, load_catalog
-from meter_platform.config import PACKAGE_DIR, STREAM_NAME, Settings, load_settings, load_stream_replicas
+from meter_platform.config import (
+    PACKAGE_DIR,
+    STREAM_NAME,
+    Settings,
+    load_partitions,
+    load_settings,
+    load_stream_replicas,
+)
 from meter_platform.ingestion.validation import validate_catalog_types
 from meter_platform.meters.rebuild import format_report, sync_meters
 from meter_platform.runtime.health import JetStreamHealth
@@ -71,6 +78,13 @@ def dagster_database_url(database_url: str) -> str:
     if os.environ.get("METER_DAGSTER_DATABASE_URL"):
         return os.environ["METER_DAGSTER_DATABASE_URL"]
     return db.with_database(database_url, "dagster")
+
+
+def max_concurrent_runs() -> str:
+    """Dagster's run limit (``max_concurrent_runs`` in dagster.yaml): ``METER_MAX_CONCURRENT_RUNS`` when
+    set, else two ingest runs per partition (dagster.yaml's limit per ``meter/pipeline`` value: a warm
+    run and a busy one) and four for the rest (invoices, checks, the archive, a run started by hand)."""
+    return os.environ.get("METER_MAX_CONCURRENT_RUNS") or str(2 * load_partitions() + 4)
 
 
 def _say(message: str) -> None:
@@ -272,6 +286,7 @@ def _start_services(
         database_url,
         settings.data_dir.parent,
         METER_DAGSTER_DATABASE_URL=dagster_db,
+        METER_MAX_CONCURRENT_RUNS=max_concurrent_runs(),
         METER_CATALOG_DIR=str(settings.catalog_dir.resolve()),
         DAGSTER_HOME=str(dagster_home()),
     )
