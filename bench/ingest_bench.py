@@ -38,7 +38,7 @@ from capture import Result, run_capture
 from drain_child import drain_child
 from e2e import E2EResult, run_e2e
 from events import EventFactory
-from report import machine_facts, print_capture, print_e2e, say
+from report import machine_facts, print_capture, print_e2e, print_targets, say
 from stack import Stack, run_async
 
 
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print("CHECKS")
         for line in checks:
             print(f"  {line}")
+    print_targets(capture, stages, args)
     print(
         f"\n(whole run {time.monotonic() - began:.0f} s; 'other' = CPU used meanwhile by programs outside "
         "the benchmark, as % of one core: high values mean the figures are low)"

@@ -194,3 +194,41 @@ def _stage_line(drain: dict[str, float]) -> str:
         f"{stage} {1000 * s / batches:.1f} ms ({100 * s / total:.0f}%)" for stage, s in seconds.items() if s
     ]
     return "time per batch by stage: " + ", ".join(parts)
+
+
+def print_targets(capture: list[Result], stages: list[E2EResult], args: argparse.Namespace) -> None:
+    """Each target of the speed issue this run measures: the figure, the target and met or not.
+    (``quiet.py`` and ``query.py`` print theirs: first event after quiet, usage queries at volume.)"""
+    by_name = {r.name: r for r in capture}
+    batch, single = f"batch of {args.batch_size}", "single event"
+    rows: list[tuple[str, str, str, bool]] = []
+    gw_b, direct_b = by_name.get(f"gateway, {batch}"), by_name.get(f"direct JetStream, {batch}")
+    if gw_b and direct_b and direct_b.eps:
+        ratio = gw_b.eps / direct_b.eps
+        rows.append((f"gateway / direct, {batch}", f"{ratio:.2f}", ">= 0.8", ratio >= 0.8))
+    gw_s, direct_s = by_name.get(f"gateway, {single}"), by_name.get(f"direct JetStream, {single}")
+    if gw_s:
+        rows.append(("gateway single events, req/s", f"{gw_s.rps:,.0f}", ">= 10,000", gw_s.rps >= 10_000))
+        p99 = pct(gw_s.latencies, 99) * 1000
+        rows.append(("gateway single events, p99 ms", f"{p99:,.1f}", "<= 20", p99 <= 20))
+        if direct_s and direct_s.rps:
+            ratio = gw_s.rps / direct_s.rps
+            rows.append(("gateway / direct single publishes", f"{ratio:.2f}", ">= 1.8", ratio >= 1.8))
+    for s in stages:
+        if s.name == "max":
+            ok = s.caught_up and s.e2e_eps >= 80_000
+            figure = f"{s.e2e_eps:,.0f}" if s.caught_up else "not caught up"
+            rows.append(("end to end, max stage, events/s", figure, ">= 80,000", ok))
+        if s.name == "steady" and s.freshness:
+            p95 = pct(s.freshness, 95) * 1000
+            rows.append(("steady freshness p95 ms", f"{p95:,.0f}", "<= 1,000", p95 <= 1000))
+        for proc, limit in (("gateway", 200), ("drain", 1024)):
+            if proc in s.peak_rss_mb:
+                mb = s.peak_rss_mb[proc]
+                rows.append((f"peak RSS {proc} MiB, {s.name}", f"{mb:,.0f}", f"<= {limit:,}", mb <= limit))
+    if not rows:
+        return
+    print()
+    print("TARGETS")
+    for what, figure, target, met in rows:
+        print(f"  {what:40} {figure:>14}   target {target:10} {'met' if met else 'NOT MET'}")
