@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from ingest_gateway.archived import archived_event
 from ingest_gateway.gateway import Gateway, gateway_of
-from ingest_gateway.http import ApiError, json_response, read_body, refuse
+from ingest_gateway.http import ApiError, invalid_items, json_response, read_body, refuse
 from meter_platform.capture.envelope import (
     Event,
     ItemError,
@@ -63,12 +63,7 @@ async def post_events(request: Request) -> Response:
     errors += check_times(events, received_us)
     if errors:
         errors.sort(key=lambda e: e.index)
-        raise ApiError(
-            400,
-            f"{len({e.index for e in errors})} of {len(events)} event(s) are invalid; "
-            "nothing of this request was kept.",
-            [msgspec.to_builtins(e) for e in errors],
-        )
+        raise invalid_items(errors, len(events), [msgspec.to_builtins(e) for e in errors])
     good = cast(list[Event], events)  # no None left: a bad item is a 400 above
     if as_sent:
         forward_as_sent(good, body if was_array else b"[" + body + b"]")

@@ -24,6 +24,17 @@ class ApiError(Exception):
         self.status, self.error, self.details, self.headers = status, error, details or [], headers
 
 
+def invalid_items(errors: list[Any], total: int, details: list[Any] | None = None) -> ApiError:
+    """The 400 of a request with bad items (``errors``: ItemError-like, with ``index``), sorted by item:
+    nothing of such a request is kept, so a corrected resend is exact."""
+    errors.sort(key=lambda e: e.index)
+    return ApiError(
+        400,
+        f"{len({e.index for e in errors})} of {total} event(s) are invalid; nothing of this request was kept.",
+        list(errors) if details is None else details,
+    )
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A JSON answer encoded with msgspec (Decimal as JSON numbers)."""
     return Response(_encoder.encode(body), status_code=status, headers=headers, media_type="application/json")

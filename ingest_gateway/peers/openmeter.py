@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ingest_gateway.gateway import gateway_of
-from ingest_gateway.http import ApiError
+from ingest_gateway.http import ApiError, invalid_items
 from ingest_gateway.peers import openmeter_query
 from ingest_gateway.peers.bodies import read_json, rename
 from ingest_gateway.peers.common import accept, scoped_id
@@ -117,13 +117,7 @@ async def ingest(request: Request) -> Response:
         events = [e for e in converted if e is not None]
         errors = [rename(e, e.index, NAMES) for e in await accept(gw, events, received_us)]
     if errors:
-        errors.sort(key=lambda e: e.index)
-        raise ApiError(
-            400,
-            f"{len({e.index for e in errors})} of {len(items)} event(s) are invalid; "
-            "nothing of this request was kept.",
-            list(errors),
-        )
+        raise invalid_items(errors, len(items))
     return Response(status_code=204)
 
 
