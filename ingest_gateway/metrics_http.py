@@ -156,6 +156,10 @@ class RequestMetrics:
 
     def __init__(self, app: ASGIApp):
         self.app = app
+        # Each label set's child, kept (labels() takes a lock and builds a key on every call; the
+        # label values are bounded: route templates, methods, statuses).
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._timers: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -175,5 +179,12 @@ class RequestMetrics:
             route = route_of(scope)
             method = scope.get("method", "")
             method = method if method in _METHODS else "other"
-            HTTP_REQUESTS.labels(route, method, str(status["code"])).inc()
-            HTTP_SECONDS.labels(route, method).observe(time.perf_counter() - started)
+            code = status["code"]
+            counter = self._counters.get((route, method, code))
+            if counter is None:
+                counter = self._counters[route, method, code] = HTTP_REQUESTS.labels(route, method, str(code))
+            counter.inc()
+            timer = self._timers.get((route, method))
+            if timer is None:
+                timer = self._timers[route, method] = HTTP_SECONDS.labels(route, method)
+            timer.observe(time.perf_counter() - started)
