@@ -16,6 +16,20 @@ async def list_meters(request: Request) -> Response:
     return json_response({"meters": [m.as_json() for m in gateway_of(request).catalog.meters]})
 
 
+def usage_filters(items: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """``filter[<dimension>]=<value>`` query parameters (repeated: any of the values), by dimension."""
+    filters: dict[str, list[str]] = {}
+    for key, value in items:
+        if key.startswith("filter[") and key.endswith("]"):
+            filters.setdefault(key[len("filter[") : -1], []).append(value)
+        elif key == "filter":
+            raise ApiError(
+                400,
+                "Filter usage by dimension as filter[<dimension>]=<value>, e.g. filter[region]=eu-west-1.",
+            )
+    return filters
+
+
 async def meter_usage(request: Request) -> Response:
     """GET /v1/meters/{slug}/usage: the contract's usage query."""
     gw = gateway_of(request)
@@ -24,7 +38,9 @@ async def meter_usage(request: Request) -> Response:
     if meter is None:
         raise ApiError(400, f"There is no meter {slug!r}; GET /v1/meters lists them.")
     try:
-        q = build_query(meter, dict(request.query_params))
+        q = build_query(
+            meter, dict(request.query_params), filters=usage_filters(request.query_params.multi_items())
+        )
     except UsageQueryError as exc:
         raise ApiError(400, str(exc)) from exc
     return json_response(usage_answer(q, await usage_rows(gw, q)))

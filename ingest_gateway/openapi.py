@@ -39,6 +39,15 @@ _USAGE_PARAMS = [
     _q("group_by", "customer_id and/or the meter's dimensions, comma-separated."),
     _q("customer_id", "Only this customer."),
     _q("tz", "IANA time zone of the windows (default UTC)."),
+    {
+        "name": "filter",
+        "in": "query",
+        "style": "deepObject",
+        "explode": True,
+        "description": "filter[<dimension>]=<value>: only rows whose dimension (customer_id or one of the "
+        "meter's) has this value; repeat a dimension for any of several values.",
+        "schema": {"type": "object", "additionalProperties": _STR},
+    },
 ]
 _INVOICE_FILTERS = [
     _q("customer_id", "Only this customer."),

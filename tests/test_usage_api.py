@@ -542,3 +542,54 @@ def test_bad_usage_queries_are_400_with_a_reason(client, path, params, mentions)
     body = response.json()
     assert isinstance(body["error"], str) and mentions in body["error"]
     assert isinstance(body["details"], list)
+
+
+def total(answer: dict[str, Any]) -> Any:
+    return sum(r["value"] for r in answer["data"])
+
+
+def test_filters_count_only_rows_whose_dimension_has_one_of_the_values(client, send):
+    """filter[<dimension>]=<value>, repeated for several values, on whole minutes, hours and days (from
+    the aggregates) and on the raw edge minutes of an unaligned range alike."""
+    send(EVENTS)
+    eu = {"filter[region]": "eu-west-1"}
+    assert total(usage(client, "api_calls", **JUL_AUG, **eu)) == 4  # e3 e4 e6 e8
+    assert total(usage(client, "bytes_transferred", **JUL_AUG, **eu)) == 300 + 400 + 600 + 800
+    two_regions = client.get(
+        "/v1/meters/api_calls/usage",
+        params=[*JUL_AUG.items(), ("filter[region]", "eu-west-1"), ("filter[region]", "ap-south-1")],
+    )
+    assert two_regions.status_code == 200 and total(two_regions.json()) == 5
+    customers = client.get(
+        "/v1/meters/api_calls/usage",
+        params=[*JUL_AUG.items(), ("filter[customer_id]", "c1"), ("filter[customer_id]", "c3")],
+    )
+    assert total(customers.json()) == 6  # c1: e1 e2 e6 e8, c3: e5 e9
+    # two dimensions: both must match; with windows and grouping as usual
+    both = usage(
+        client,
+        "api_calls",
+        **JUL_AUG,
+        **eu,
+        **{"filter[method]": "GET"},
+        window="day",
+        group_by="customer_id",
+    )
+    assert {(r["customer_id"], r["window_start"][:10], r["value"]) for r in both["data"]} == {
+        ("c2", "2025-07-24", 2),
+        ("c1", "2025-08-01", 1),
+    }
+    # an unaligned range: e2 (10:00:30.5, us-east-1) and e3 (10:01:15, eu-west-1) sit in its edge minutes
+    unaligned = {"from": "2025-07-24T10:00:05Z", "to": "2025-07-24T10:01:45Z"}
+    assert total(usage(client, "api_calls", **unaligned)) == 2
+    assert total(usage(client, "api_calls", **unaligned, **eu)) == 1
+    assert usage(client, "api_calls", **JUL_AUG, **{"filter[region]": "nowhere"})["data"] == []
+
+
+@pytest.mark.parametrize(
+    ("params", "mentions"),
+    [({"filter[bucket]": "b1"}, "bucket"), ({"filter": "region=eu-west-1"}, "filter[")],
+)
+def test_a_filter_on_an_unknown_dimension_is_a_400(client, params, mentions):
+    response = client.get("/v1/meters/api_calls/usage", params={**JUL_AUG, **params})
+    assert response.status_code == 400 and mentions in response.json()["error"]

@@ -5,8 +5,9 @@ How the query's parameters map to ours: ``from``/``to`` are ``[from, to)`` (RFC 
 MINUTE, HOUR, DAY or MONTH is ``window``; ``windowTimeZone`` is ``tz``; ``groupBy`` takes the meter's
 dimensions, and ``subject`` (or ``customer_id``) groups by customer; ``subject`` and
 ``filterCustomerId`` (repeated) both filter on ``customer_id`` (both given: the customers in both), and
-each filtered customer gets rows of its own, labelled with it. ``filterGroupBy`` and
-``advancedMeterGroupByFilters`` are refused with a 400: the platform's usage query has no such filter.
+each filtered customer gets rows of its own, labelled with it. ``filterGroupBy`` (a dimension ->
+a value, or a list of values in a JSON body) is the usage query's ``filter[<dimension>]``;
+``advancedMeterGroupByFilters`` is refused with a 400.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from meter_platform.meters.usage import UsageQueryError, build_query, usage_answ
 WINDOW_SIZES = ("MINUTE", "HOUR", "DAY", "MONTH")
 #: groupBy values that mean "by customer" (OpenMeter reserves ``subject``).
 BY_CUSTOMER = ("subject", "customer_id")
-_UNSUPPORTED = ("filterGroupBy", "advancedMeterGroupByFilters")
+_UNSUPPORTED = ("advancedMeterGroupByFilters",)
+_FILTER = "filterGroupBy"
 _EPOCH = "1970-01-01T00:00:00.000000Z"
 
 
@@ -45,6 +47,7 @@ class MeterQuery:
     subjects: list[str] | None = None
     customers: list[str] | None = None
     group_by: list[str] = field(default_factory=list)
+    filters: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _strings(values: Any, name: str) -> list[str]:
@@ -71,7 +74,34 @@ def from_url(request: Request) -> MeterQuery:
         subjects=subjects or None,
         customers=customers or None,
         group_by=[v for v in params.getlist("groupBy") if v],
+        filters=_url_filters(params.multi_items()),
     )
+
+
+def _url_filters(items: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """``filterGroupBy[<dimension>]=<value>`` (repeated: any of the values)."""
+    filters: dict[str, list[str]] = {}
+    for key, value in items:
+        if key.startswith(f"{_FILTER}[") and key.endswith("]"):
+            filters.setdefault(key[len(_FILTER) + 1 : -1], []).append(value)
+        elif key == _FILTER:
+            raise ApiError(400, f"{_FILTER} takes {_FILTER}[<dimension>]=<value>.")
+    return filters
+
+
+def _body_filters(value: Any) -> dict[str, list[str]]:
+    """``"filterGroupBy": {"<dimension>": "<value>" or ["<value>", ...]}``."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, f"`{_FILTER}` must be an object of dimension -> value(s).")
+    filters: dict[str, list[str]] = {}
+    for dim, values in value.items():
+        listed = values if isinstance(values, list) else [values]
+        if not listed or not all(isinstance(v, str) for v in listed):
+            raise ApiError(400, f"`{_FILTER}.{dim}` must be a string or a list of strings.")
+        filters[dim] = listed
+    return filters
 
 
 def from_body(body: dict[str, Any]) -> MeterQuery:
@@ -90,7 +120,8 @@ def from_body(body: dict[str, Any]) -> MeterQuery:
     lists = {n: _strings(body[n], n) if body.get(n) is not None else None
              for n in ("subject", "filterCustomerId", "groupBy")}  # fmt: skip
     return MeterQuery(text["from"], text["to"], text["windowSize"], text["windowTimeZone"],
-                      lists["subject"] or None, lists["filterCustomerId"] or None, lists["groupBy"] or [])  # fmt: skip
+                      lists["subject"] or None, lists["filterCustomerId"] or None, lists["groupBy"] or [],
+                      _body_filters(body.get(_FILTER)))  # fmt: skip
 
 
 def _meter(gw: Gateway, slug: str) -> Meter:
@@ -131,9 +162,9 @@ async def run_query(gw: Gateway, meter: Meter, mq: MeterQuery) -> dict[str, Any]
     params, customers = _plan(meter, mq)
     now = datetime.now(UTC)
     try:  # checked once up front, also when no customer is left to query
-        q = build_query(meter, params, now=now)
-        queries = [q] if customers is None else [build_query(meter, {**params, "customer_id": c}, now=now)
-                                                 for c in customers]  # fmt: skip
+        q = build_query(meter, params, now=now, filters=mq.filters)
+        queries = [q] if customers is None else [build_query(meter, {**params, "customer_id": c}, now=now,
+                                                             filters=mq.filters) for c in customers]  # fmt: skip
     except UsageQueryError as exc:
         raise ApiError(400, str(exc)) from exc
     rows: list[dict[str, Any]] = []

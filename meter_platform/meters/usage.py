@@ -11,6 +11,7 @@ Europe/Berlin day lasts 23, 24 or 25 hours).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -51,6 +52,8 @@ class UsageQuery:
     customer_id: str | None = None
     limit: int = MAX_ROWS
     offset: int = 0
+    #: (dimension, the values it may have): only rows whose dimension has one of them are counted.
+    filters: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 def _parse_time(value: str, name: str) -> datetime:
@@ -60,8 +63,16 @@ def _parse_time(value: str, name: str) -> datetime:
         raise UsageQueryError(f"`{name}` {exc}") from exc
 
 
-def build_query(meter: Meter, params: dict[str, str], now: datetime | None = None) -> UsageQuery:
-    """Check a usage request's parameters (strings, as from a URL) against the meter."""
+def build_query(
+    meter: Meter,
+    params: Mapping[str, str],
+    now: datetime | None = None,
+    filters: Mapping[str, Sequence[str]] | None = None,
+) -> UsageQuery:
+    """Check a usage request's parameters (strings, as from a URL) against the meter.
+
+    ``filters``: dimension -> the values it may have (``filter[<dimension>]=<value>``, repeated for
+    several); any of the meter's dimensions, ``customer_id`` included."""
     window = params.get("window") or None
     if window is not None and window not in WINDOWS:
         raise UsageQueryError(f"window must be one of {', '.join(WINDOWS)}, not {window!r}")
@@ -83,6 +94,7 @@ def build_query(meter: Meter, params: dict[str, str], now: datetime | None = Non
             f"meter {meter.slug!r} has no dimension {', '.join(map(repr, unknown))}; "
             f"it has {', '.join(meter.dimensions)}"
         )
+    checked_filters = _check_filters(meter, filters or {})
     try:
         limit = int(params.get("limit") or MAX_ROWS)
         offset = int(params.get("offset") or 0)
@@ -91,8 +103,34 @@ def build_query(meter: Meter, params: dict[str, str], now: datetime | None = Non
     if not 1 <= limit <= MAX_ROWS or offset < 0:
         raise UsageQueryError(f"limit must be 1 to {MAX_ROWS} and offset >= 0")
     return UsageQuery(
-        meter, start, end, window, tz, group_by, params.get("customer_id") or None, limit, offset
+        meter,
+        start,
+        end,
+        window,
+        tz,
+        group_by,
+        params.get("customer_id") or None,
+        limit,
+        offset,
+        checked_filters,
     )
+
+
+def _check_filters(
+    meter: Meter, filters: Mapping[str, Sequence[str]]
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    unknown = [d for d in filters if d not in meter.dimensions]
+    if unknown:
+        raise UsageQueryError(
+            f"meter {meter.slug!r} has no dimension {', '.join(map(repr, unknown))} to filter on; "
+            f"it has {', '.join(meter.dimensions)}"
+        )
+    checked = []
+    for dim, values in filters.items():
+        if not values or any("\x00" in v for v in values):
+            raise UsageQueryError(f"filter[{dim}] needs a value (without the NUL character)")
+        checked.append((dim, tuple(dict.fromkeys(values))))
+    return tuple(checked)
 
 
 def usage_sql(
@@ -123,6 +161,13 @@ def usage_sql(
         params[f"gk{i}"] = dim
         group_cols.append(f"dims ->> CAST({bind(f'gk{i}')} AS text)")
     group_select = ", ".join(f"{c} AS g{i}" for i, c in enumerate(group_cols))
+    kept = ["true"]
+    for i, (dim, values) in enumerate(q.filters):
+        params[f"fv{i}"] = list(values)
+        column = "src.customer_id" if dim == "customer_id" else f"src.dims ->> CAST({bind(f'fk{i}')} AS text)"
+        if dim != "customer_id":
+            params[f"fk{i}"] = dim
+        kept.append(f"{column} = ANY(CAST({bind(f'fv{i}')} AS text[]))")
     group_refs = ", ".join(f"g{i}" for i in range(len(group_cols)))
 
     # The raw ranges again with plain parameters (each a superset of its range), so the planner prunes
@@ -151,6 +196,7 @@ def usage_sql(
         ), bucketed AS (
             SELECT {bucket} AS bucket_start, {group_select}, src.*
             FROM src, bounds b
+            WHERE {" AND ".join(kept)}
         )
         SELECT greatest(bucket_start, b.range_start) AS window_start,
                least({bucket_end}, b.range_end) AS window_end,

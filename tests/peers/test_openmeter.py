@@ -223,6 +223,35 @@ def test_sdk_query_by_subjects_and_the_meters(gateway_url, admin_key, nats_serve
         om.meters.query_json("no_such_meter")
 
 
+def test_filter_group_by_is_our_dimension_filter(gateway_url, admin_key, nats_server, database_url, catalog):
+    """filterGroupBy through the SDK's POST query (a list of values per dimension) and as the documented
+    URL form, equal to our usage API's filter[...]; an unknown dimension is a 400 problem."""
+    om = client(gateway_url, admin_key)
+    om.events.ingest_events(traffic())
+    run_drain(nats_server.url, database_url, catalog)
+    start, end = START + timedelta(seconds=50), NOW  # edges from raw events too
+    ours = usage(
+        gateway_url,
+        "api_calls",
+        **{"from": start.isoformat(), "to": end.isoformat(), "window": "hour", "group_by": "customer_id"},
+        **{"filter[endpoint]": "/v1/a"},
+    )
+    # every third of the 60 events, less e0 (22 s after START, before the range)
+    assert ours["data"] and sum(r["value"] for r in ours["data"]) == 19
+    body = {"from": start.isoformat(), "to": end.isoformat(), "windowSize": "HOUR", "groupBy": ["subject"]}
+    posted = om.meters.query("api_calls", {**body, "filterGroupBy": {"endpoint": ["/v1/a"]}})
+    _compare(gateway_url, ours, posted, True)
+    two = om.meters.query("api_calls", {**body, "filterGroupBy": {"endpoint": ["/v1/a", "/v1/b"]}})
+    assert sum(r.value for r in two.data) == 39
+    url = f"{gateway_url}/openmeter/api/v1/meters/api_calls/query"
+    params = {"from": start.isoformat(), "to": end.isoformat(), "filterGroupBy[endpoint]": "/v1/c"}
+    answer = httpx.get(url, params=params, headers=AUTH, timeout=30)
+    assert answer.status_code == 200 and sum(r["value"] for r in answer.json()["data"]) == 20
+    with pytest.raises(HttpResponseError) as raised:
+        om.meters.query("api_calls", {**body, "filterGroupBy": {"planet": ["mars"]}})
+    assert raised.value.status_code == 400 and "planet" in raised.value.model.detail
+
+
 def test_bad_events_are_refused_whole_as_problem_details(
     gateway_url, admin_key, nats_server, database_url, catalog
 ):
