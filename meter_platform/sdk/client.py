@@ -248,7 +248,7 @@ class MeterClient(ClientCore):
 
     # --- reading --------------------------------------------------------------------------------
 
-    def _get(self, path: str, params: Mapping[str, str] | None = None) -> bytes:
+    def _get(self, path: str, params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None) -> bytes:
         self.check_open()
         return request_with_retry(
             self._http, self.retry, "GET", path, stats=self.stats, params=params
@@ -264,9 +264,13 @@ class MeterClient(ClientCore):
         group_by: str | Sequence[str] | None = None,
         tz: str | None = None,
         offset: int | None = None,
+        filters: Mapping[str, str | Sequence[str]] | None = None,
     ) -> Usage:
-        """``GET /v1/meters/{meter}/usage`` over ``[from_, to)`` (default: from the first event to now)."""
-        path, params = core.usage_request(meter, customer_id, from_, to, window, group_by, tz, offset)
+        """``GET /v1/meters/{meter}/usage`` over ``[from_, to)`` (default: from the first event to now);
+        ``filters``: dimension -> a value or several, e.g. ``{"region": ["eu-west-1", "us-east-1"]}``."""
+        path, params = core.usage_request(
+            meter, customer_id, from_, to, window, group_by, tz, offset, filters
+        )
         return core.decode(self._get(path, params), Usage)
 
     def event(self, id: str) -> StoredEvent | None:

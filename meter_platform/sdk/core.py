@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -86,8 +86,10 @@ def usage_request(
     group_by: str | Sequence[str] | None,
     tz: str | None,
     offset: int | None,
-) -> tuple[str, dict[str, str]]:
-    """Path and query of ``GET /v1/meters/{slug}/usage`` (only the parameters given)."""
+    filters: Mapping[str, str | Sequence[str]] | None = None,
+) -> tuple[str, list[tuple[str, str]]]:
+    """Path and query of ``GET /v1/meters/{slug}/usage`` (only the parameters given); ``filters``:
+    dimension -> a value or several (any of them), as ``filter[<dimension>]=<value>``."""
     if group_by is not None and not isinstance(group_by, str):
         group_by = ",".join(group_by)
     params = {
@@ -99,7 +101,10 @@ def usage_request(
         "tz": tz,
         "offset": None if offset is None else str(offset),
     }
-    return f"/v1/meters/{quote(meter, safe='')}/usage", {k: v for k, v in params.items() if v is not None}
+    query = [(k, v) for k, v in params.items() if v is not None]
+    for dim, values in (filters or {}).items():
+        query += [(f"filter[{dim}]", v) for v in ([values] if isinstance(values, str) else values)]
+    return f"/v1/meters/{quote(meter, safe='')}/usage", query
 
 
 def event_path(event_id: str) -> str:

@@ -179,6 +179,11 @@ def test_read_helpers_answer_typed_values(gateway_url, admin_key, database_url, 
         status = meter.status()
         usage = meter.usage("bytes_transferred", from_="2026-03-01T00:00:00Z", to=datetime(2026, 4, 1, tzinfo=UTC),
                             window="month", group_by="customer_id", tz="Europe/Berlin")  # fmt: skip
+        march_range = {"from_": "2026-03-01T00:00:00Z", "to": "2026-04-01T00:00:00Z"}
+        only_a = meter.usage("bytes_transferred", **march_range, filters={"customer_id": "a"})
+        a_and_b = meter.usage("bytes_transferred", **march_range, filters={"customer_id": ["a", "b"]})
+        with pytest.raises(InvalidRequest, match="planet"):
+            meter.usage("bytes_transferred", **march_range, filters={"planet": "mars"})
         with pytest.raises(InvalidRequest, match="status"):
             meter.invoices(status="paid")
     assert [(i.customer_id, i.status, i.total) for i in invoices] == [
@@ -191,6 +196,9 @@ def test_read_helpers_answer_typed_values(gateway_url, admin_key, database_url, 
     assert isinstance(status, IngestStatus) and status.events.stored == 11 and status.events.balanced
     assert usage.tz == "Europe/Berlin" and {r.customer_id for r in usage.data} == {"a", "b"}
     assert all(isinstance(r.value, int | Decimal) for r in usage.data)
+    by_customer = {r.customer_id: r.value for r in usage.data}
+    assert [r.value for r in only_a.data] == [by_customer["a"]]
+    assert [r.value for r in a_and_b.data] == [by_customer["a"] + by_customer["b"]]
 
 
 def test_flush_waits_for_what_was_tracked_before_it_while_others_keep_tracking(
