@@ -43,6 +43,12 @@ def test_usage_and_status_from_the_terminal(gateway_url, nats_server, database_u
     answer = json.loads(capsys.readouterr().out)
     assert {(r["customer_id"], r["value"]) for r in answer["data"]} == {("c1", 100), ("c2", 5)}
 
+    filtered = ["usage", "bytes_transferred", "--from", start, "--json", "--gateway", gateway_url]
+    assert main([*filtered, "--filter", "customer_id=c2"]) == 0
+    assert [r["value"] for r in json.loads(capsys.readouterr().out)["data"]] == [5]
+    assert main([*filtered, "--filter", "customer_id"]) == 2
+    assert "dimension=value" in capsys.readouterr().err
+
     assert main(["usage", "api_calls", "--from", start, "--window", "hour", "--gateway", gateway_url]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[1].split()[:3] == ["window_start", "window_end", "customer_id"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from meter_platform.cli.common import auth_headers, gateway_url, print_table
 
@@ -26,9 +27,19 @@ def cmd_usage(args: argparse.Namespace) -> int:
         }.items()
         if v
     }
+    query: list[tuple[str, Any]] = list(params.items())
+    for item in args.filter or []:
+        dim, sep, value = item.partition("=")
+        if not sep or not dim:
+            print(
+                f"meter usage: --filter takes dimension=value, e.g. region=eu-west-1 (got {item!r})",
+                file=sys.stderr,
+            )
+            return 2
+        query.append((f"filter[{dim}]", value))
     try:
         response = httpx.get(
-            f"{url}/v1/meters/{args.meter}/usage", params=params, timeout=60, headers=auth_headers()
+            f"{url}/v1/meters/{args.meter}/usage", params=query, timeout=60, headers=auth_headers()
         )
     except httpx.HTTPError as exc:
         print(f"cannot reach the gateway at {url} ({exc}); is `meter up` running?", file=sys.stderr)
@@ -75,6 +86,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-by", help="comma-separated dimensions, e.g. customer_id,region")
     p.add_argument("--customer", help="only this customer")
     p.add_argument("--tz", help="IANA zone for window boundaries (default UTC)")
+    p.add_argument(
+        "--filter",
+        action="append",
+        metavar="DIM=VALUE",
+        help="only rows whose dimension has this value (repeat: any of the values of a dimension, "
+        "all of the dimensions), e.g. --filter region=eu-west-1",
+    )
     p.add_argument("--offset", type=int, help="skip this many rows (answers hold at most 10000)")
     p.add_argument("--json", action="store_true", help="print the JSON answer")
     p.add_argument("--gateway", help="gateway URL (default: the one `meter up` started)")
