@@ -6,12 +6,15 @@ MINUTE, HOUR, DAY or MONTH is ``window``; ``windowTimeZone`` is ``tz``; ``groupB
 dimensions, and ``subject`` (or ``customer_id``) groups by customer; ``subject`` and
 ``filterCustomerId`` (repeated) both filter on ``customer_id`` (both given: the customers in both), and
 each filtered customer gets rows of its own, labelled with it. ``filterGroupBy`` (a dimension ->
-a value, or a list of values in a JSON body) is the usage query's ``filter[<dimension>]``;
+a value, or a list of values; in a URL as ``filterGroupBy[<dimension>]=<value>`` or the whole map in
+one parameter) is the usage query's ``filter[<dimension>]``;
 ``advancedMeterGroupByFilters`` is refused with a 400.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +36,8 @@ WINDOW_SIZES = ("MINUTE", "HOUR", "DAY", "MONTH")
 BY_CUSTOMER = ("subject", "customer_id")
 _UNSUPPORTED = ("advancedMeterGroupByFilters",)
 _FILTER = "filterGroupBy"
+#: The longest filterGroupBy map read as a Python literal (a few dimensions and values).
+_MAX_LITERAL = 4096
 _EPOCH = "1970-01-01T00:00:00.000000Z"
 
 
@@ -79,14 +84,30 @@ def from_url(request: Request) -> MeterQuery:
 
 
 def _url_filters(items: list[tuple[str, str]]) -> dict[str, list[str]]:
-    """``filterGroupBy[<dimension>]=<value>`` (repeated: any of the values)."""
+    """``filterGroupBy[<dimension>]=<value>`` (repeated: any of the values), or the whole map in one
+    ``filterGroupBy``: a JSON object, or the Python dict literal the official SDK's ``query_json`` sends."""
     filters: dict[str, list[str]] = {}
     for key, value in items:
         if key.startswith(f"{_FILTER}[") and key.endswith("]"):
             filters.setdefault(key[len(_FILTER) + 1 : -1], []).append(value)
         elif key == _FILTER:
-            raise ApiError(400, f"{_FILTER} takes {_FILTER}[<dimension>]=<value>.")
+            for dim, values in _body_filters(_map_literal(value)).items():
+                filters.setdefault(dim, []).extend(values)
     return filters
+
+
+def _map_literal(text: str) -> Any:
+    """A map written as JSON or as a Python literal of strings; anything else is a 400."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    if len(text) <= _MAX_LITERAL:
+        try:
+            return ast.literal_eval(text)  # literals only: never runs code
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            pass
+    raise ApiError(400, f"{_FILTER} takes {_FILTER}[<dimension>]=<value>, or the map as a JSON object.")
 
 
 def _body_filters(value: Any) -> dict[str, list[str]]:

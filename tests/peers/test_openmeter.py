@@ -224,8 +224,8 @@ def test_sdk_query_by_subjects_and_the_meters(gateway_url, admin_key, nats_serve
 
 
 def test_filter_group_by_is_our_dimension_filter(gateway_url, admin_key, nats_server, database_url, catalog):
-    """filterGroupBy through the SDK's POST query (a list of values per dimension) and as the documented
-    URL form, equal to our usage API's filter[...]; an unknown dimension is a 400 problem."""
+    """filterGroupBy through the SDK's POST query (a list of values per dimension), its GET query_json,
+    and the URL forms, equal to our usage API's filter[...]; an unknown dimension is a 400 problem."""
     om = client(gateway_url, admin_key)
     om.events.ingest_events(traffic())
     run_drain(nats_server.url, database_url, catalog)
@@ -247,6 +247,18 @@ def test_filter_group_by_is_our_dimension_filter(gateway_url, admin_key, nats_se
     params = {"from": start.isoformat(), "to": end.isoformat(), "filterGroupBy[endpoint]": "/v1/c"}
     answer = httpx.get(url, params=params, headers=AUTH, timeout=30)
     assert answer.status_code == 200 and sum(r["value"] for r in answer.json()["data"]) == 20
+    # the SDK's GET sends the whole map in one parameter (as a Python dict literal)
+    got = om.meters.query_json(
+        "api_calls", from_parameter=start, to=end, filter_group_by={"endpoint": "/v1/c"}
+    )
+    assert sum(r.value for r in got.data) == 20
+    as_json = httpx.get(
+        url, params={**params, "filterGroupBy": '{"endpoint": ["/v1/a", "/v1/c"]}'}, headers=AUTH
+    )
+    assert sum(r["value"] for r in as_json.json()["data"]) == 39
+    for bad in ("__import__('os')", "[1, 2]", "{'endpoint': 5}"):
+        refused = httpx.get(url, params={**params, "filterGroupBy": bad}, headers=AUTH)
+        assert refused.status_code == 400, bad
     with pytest.raises(HttpResponseError) as raised:
         om.meters.query("api_calls", {**body, "filterGroupBy": {"planet": ["mars"]}})
     assert raised.value.status_code == 400 and "planet" in raised.value.model.detail
