@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import msgspec
@@ -24,15 +24,29 @@ class ApiError(Exception):
         self.status, self.error, self.details, self.headers = status, error, details or [], headers
 
 
-def invalid_items(errors: list[Any], total: int, details: list[Any] | None = None) -> ApiError:
-    """The 400 of a request with bad items (``errors``: ItemError-like, with ``index``), sorted by item:
-    nothing of such a request is kept, so a corrected resend is exact."""
+def invalid_items(errors: list[Any], total: int, as_detail: Callable[[Any], Any] | None = None) -> ApiError:
+    """The 400 of a request with bad items (``errors``: ItemError-like, with ``index``), sorted by item,
+    each shown as ``as_detail`` makes it (as it is by default): nothing of such a request is kept, so a
+    corrected resend is exact."""
     errors.sort(key=lambda e: e.index)
     return ApiError(
         400,
         f"{len({e.index for e in errors})} of {total} event(s) are invalid; nothing of this request was kept.",
-        list(errors) if details is None else details,
+        list(errors) if as_detail is None else [as_detail(e) for e in errors],
     )
+
+
+def bracketed(items: list[tuple[str, str]], name: str) -> tuple[dict[str, list[str]], list[str]]:
+    """Query parameters ``name[<key>]=<value>`` by key (a repeated key: every value, in order), and the
+    values of a bare ``name`` (whose meaning is the caller's)."""
+    by_key: dict[str, list[str]] = {}
+    bare: list[str] = []
+    for key, value in items:
+        if key == name:
+            bare.append(value)
+        elif key.startswith(name) and key[len(name) : len(name) + 1] == "[" and key.endswith("]"):
+            by_key.setdefault(key[len(name) + 1 : -1], []).append(value)
+    return by_key, bare
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from ingest_gateway.archived import usage_rows
 from ingest_gateway.gateway import gateway_of
-from ingest_gateway.http import ApiError, json_response
+from ingest_gateway.http import ApiError, bracketed, json_response
 from meter_platform.meters.usage import UsageQueryError, build_query, usage_answer
 
 
@@ -18,15 +18,12 @@ async def list_meters(request: Request) -> Response:
 
 def usage_filters(items: list[tuple[str, str]]) -> dict[str, list[str]]:
     """``filter[<dimension>]=<value>`` query parameters (repeated: any of the values), by dimension."""
-    filters: dict[str, list[str]] = {}
-    for key, value in items:
-        if key.startswith("filter[") and key.endswith("]"):
-            filters.setdefault(key[len("filter[") : -1], []).append(value)
-        elif key == "filter":
-            raise ApiError(
-                400,
-                "Filter usage by dimension as filter[<dimension>]=<value>, e.g. filter[region]=eu-west-1.",
-            )
+    filters, bare = bracketed(items, "filter")
+    if bare:
+        raise ApiError(
+            400,
+            "Filter usage by dimension as filter[<dimension>]=<value>, e.g. filter[region]=eu-west-1.",
+        )
     return filters
 
 

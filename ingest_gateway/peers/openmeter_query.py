@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from ingest_gateway.archived import usage_rows
 from ingest_gateway.gateway import Gateway, gateway_of
-from ingest_gateway.http import ApiError, json_response, read_json_object
+from ingest_gateway.http import ApiError, bracketed, json_response, read_json_object
 from ingest_gateway.peers.openmeter_problems import problems, with_problems
 from meter_platform.capture.envelope import format_timestamp
 from meter_platform.catalog import Meter
@@ -86,13 +86,10 @@ def from_url(request: Request) -> MeterQuery:
 def _url_filters(items: list[tuple[str, str]]) -> dict[str, list[str]]:
     """``filterGroupBy[<dimension>]=<value>`` (repeated: any of the values), or the whole map in one
     ``filterGroupBy``: a JSON object, or the Python dict literal the official SDK's ``query_json`` sends."""
-    filters: dict[str, list[str]] = {}
-    for key, value in items:
-        if key.startswith(f"{_FILTER}[") and key.endswith("]"):
-            filters.setdefault(key[len(_FILTER) + 1 : -1], []).append(value)
-        elif key == _FILTER:
-            for dim, values in _body_filters(_map_literal(value)).items():
-                filters.setdefault(dim, []).extend(values)
+    filters, bare = bracketed(items, _FILTER)
+    for text in bare:
+        for dim, values in _body_filters(_map_literal(text)).items():
+            filters.setdefault(dim, []).extend(values)
     return filters
 
 

@@ -98,8 +98,8 @@ def level_ctes_sql(window: str | None, tz: str, slug: str) -> str:
 
     The series run only over ``span``: the whole-minute part cut to the UTC days that hold any row of
     the meter (at any level), so a range from the year 99 costs what the data's own days cost, not
-    millions of generated hours (no rows: an empty span). Every row lies inside those days, and their bounds are day-aligned, so
-    each minute with data is still read from exactly one level.
+    millions of generated hours (no rows: an empty span). Every row lies inside those days, and their
+    bounds are day-aligned, so each minute with data is still read from exactly one level.
     """
     day_len, hour_len = ROLLUPS["day"][2], ROLLUPS["hour"][2]
     return f"""
